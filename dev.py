@@ -1,0 +1,65 @@
+#!/usr/bin/env python3
+"""Set up and run gpud from a fresh clone with nothing but python3 (3.10+).
+
+    python3 dev.py demo    # create .venv, install gpud, run the demo on simulated GPUs
+    python3 dev.py test    # create .venv, install gpud with test tools, run ruff and the whole test suite
+    python3 dev.py setup   # only create/refresh .venv
+
+The venv is refreshed only when pyproject.toml changed since the last install (a stamp file records it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+PY = VENV / "bin" / "python"
+STAMP = VENV / ".gpud-installed"
+
+
+def run(*cmd: str | Path) -> int:
+    return subprocess.call([str(c) for c in cmd], cwd=ROOT)
+
+
+def setup() -> None:
+    if sys.version_info < (3, 10):
+        sys.exit(f"gpud needs Python 3.10 or newer; this is {sys.version.split()[0]}.")
+    if not PY.exists():
+        print(f"creating {VENV} …", flush=True)
+        venv.EnvBuilder(with_pip=True, clear=True).create(VENV)
+    want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    if STAMP.exists() and STAMP.read_text() == want:
+        return
+    print("installing gpud and its dependencies into .venv …", flush=True)
+    quiet = [] if os.environ.get("CI") else ["-q"]
+    if run(PY, "-m", "pip", "install", *quiet, "--upgrade", "pip") != 0:
+        sys.exit("pip could not upgrade itself; see the output above.")
+    if run(PY, "-m", "pip", "install", *quiet, "-e", ".[test]") != 0:
+        sys.exit("Installing gpud failed; see the output above.")
+    STAMP.write_text(want)
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("demo", "test", "setup"):
+        print(__doc__.strip())
+        return 2
+    setup()
+    command, rest = argv[0], argv[1:]
+    if command == "demo":
+        return run(PY, "scripts/demo.py", *rest)
+    if command == "test":
+        code = run(PY, "-m", "ruff", "check", "gpud", "tests", "bench", "scripts", "dev.py")
+        if code != 0:
+            return code
+        return run(PY, "-m", "pytest", *(rest or ["-q"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

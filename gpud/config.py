@@ -1,0 +1,219 @@
+"""Daemon settings: defaults < config file (TOML) < GPUD_* environment < flags, validated into frozen values.
+
+An unknown key or a wrong type in the file is an InvalidInput that names the key and the file.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from gpud.errors import InvalidInput
+from gpud.spec import validate_env, validate_model_name
+from gpud.units import parse_size
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+RESTART_POLICIES = ("on-failure", "always", "no")
+
+
+def _is_root() -> bool:
+    return os.geteuid() == 0
+
+
+def _xdg(var: str, fallback: str, environ: Mapping[str, str]) -> Path:
+    value = environ.get(var)
+    return Path(value) if value else Path(environ.get("HOME", os.path.expanduser("~"))) / fallback
+
+
+def default_socket_path(environ: Mapping[str, str] = os.environ) -> str:
+    """GPUD_SOCKET, else /run/gpud/gpud.sock for root, $XDG_RUNTIME_DIR/gpud/gpud.sock, else /tmp/gpud-$UID/."""
+    if environ.get("GPUD_SOCKET"):
+        return environ["GPUD_SOCKET"]
+    if _is_root():
+        return "/run/gpud/gpud.sock"
+    runtime = environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return str(Path(runtime) / "gpud" / "gpud.sock")
+    return f"/tmp/gpud-{os.getuid()}/gpud.sock"
+
+
+def default_config_path(environ: Mapping[str, str] = os.environ) -> Path:
+    if _is_root():
+        return Path("/etc/gpud/gpud.toml")
+    return _xdg("XDG_CONFIG_HOME", ".config", environ) / "gpud" / "gpud.toml"
+
+
+def default_state_dir(environ: Mapping[str, str] = os.environ) -> Path:
+    if _is_root():
+        return Path("/var/lib/gpud")
+    return _xdg("XDG_STATE_HOME", ".local/state", environ) / "gpud"
+
+
+@dataclass(frozen=True)
+class SupervisorSettings:
+    """SPEC §7 timings, systemd-like."""
+
+    restart: str = "on-failure"
+    restart_sec: float = 0.1
+    restart_max_delay_sec: float = 30.0
+    start_limit_burst: int = 5
+    start_limit_interval_sec: float = 300.0
+    health_interval_sec: float = 5.0
+    health_failures: int = 3
+    start_timeout_sec: float | None = None  # None: the engine's default (600 vllm/command, 30 sim)
+    drain_timeout_sec: float = 30.0
+    stop_timeout_sec: float = 30.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    config_path: Path | None
+    socket: str
+    socket_group: str | None
+    state_dir: Path
+    gpus: str = "auto"
+    headroom_bytes: int = 512 * 2**20
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8000
+    multi_replica: bool = True
+    api_keys: tuple[str, ...] = ()
+    max_body_bytes: int = 32 * 2**20
+    supervisor: SupervisorSettings = field(default_factory=SupervisorSettings)
+    env: dict[str, str] = field(default_factory=dict)
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def listen(self) -> str:
+        return f"{self.listen_host}:{self.listen_port}"
+
+
+# Allowed keys of each config section and their types; models/env are free-form and checked separately.
+_SECTIONS: dict[str, dict[str, tuple[type, ...]]] = {
+    "daemon": {"socket": (str,), "state_dir": (str,), "socket_group": (str,)},
+    "gpus": {"spec": (str,), "headroom": (str, int)},
+    "allocator": {"single_gpu_multi_replica": (bool,)},
+    "proxy": {"listen": (str,), "api_keys": (list,), "max_body": (str, int)},
+    "supervisor": {
+        f.name: ((str,) if f.name == "restart" else (int,) if f.name in ("start_limit_burst", "health_failures")
+                 else (int, float))
+        for f in fields(SupervisorSettings)
+    },
+}
+
+
+def parse_listen(value: str, *, what: str = "listen address") -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise InvalidInput(f"Invalid {what} {value!r}: expected HOST:PORT such as 127.0.0.1:8000.")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def parse_bool(value: str, *, what: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise InvalidInput(f"Invalid {what} {value!r}: use 1 or 0.")
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Parse and type-check the TOML file; errors name the key and the file."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidInput(f"Config file {path} is not valid TOML: {exc}.") from None
+    except OSError as exc:
+        raise InvalidInput(f"Cannot read config file {path}: {exc.strerror}.") from None
+    for section, table in data.items():
+        if section in ("env", "models"):
+            if not isinstance(table, dict):
+                raise InvalidInput(f"Config key '{section}' in {path} must be a table.")
+            continue
+        allowed = _SECTIONS.get(section)
+        if allowed is None:
+            raise InvalidInput(f"Unknown config section '{section}' in {path}.")
+        if not isinstance(table, dict):
+            raise InvalidInput(f"Config key '{section}' in {path} must be a table.")
+        for key, value in table.items():
+            types = allowed.get(key)
+            if types is None:
+                raise InvalidInput(f"Unknown config key '{section}.{key}' in {path}.")
+            if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+                names = " or ".join(t.__name__.replace("str", "string").replace("int", "integer") for t in types)
+                raise InvalidInput(f"Config key '{section}.{key}' in {path} must be a {names}.")
+    try:
+        validate_env(data.get("env", {}), what=f"[env] in {path}:")
+    except InvalidInput as exc:
+        raise InvalidInput(f"Config section 'env' in {path}: {exc.message}") from None
+    for name, table in data.get("models", {}).items():
+        if not isinstance(table, dict):
+            raise InvalidInput(f"Config key 'models.{name}' in {path} must be a table.")
+        validate_model_name(name, what=f"model table name in {path}")
+    return data
+
+
+def load_settings(flags: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -> Settings:
+    """flags: config, socket, state_dir, gpus, listen (None when not given)."""
+    explicit = flags.get("config") or environ.get("GPUD_CONFIG")
+    path = Path(explicit) if explicit else default_config_path(environ)
+    data: dict[str, Any] = {}
+    if explicit and not path.exists():
+        raise InvalidInput(f"Config file {path} does not exist.")
+    if path.exists():
+        data = read_config_file(path)
+    else:
+        path = None  # type: ignore[assignment]
+
+    def pick(flag: str, env: str, section: str, key: str, default: Any) -> Any:
+        if flags.get(flag) is not None:
+            return flags[flag]
+        if environ.get(env):
+            return environ[env]
+        return data.get(section, {}).get(key, default)
+
+    where = f" in {path}" if path else ""
+    headroom = parse_size(data.get("gpus", {}).get("headroom", "512MiB"), what=f"gpus.headroom{where}")
+    listen_host, listen_port = parse_listen(pick("listen", "GPUD_LISTEN", "proxy", "listen", "127.0.0.1:8000"))
+    multi_env = environ.get("GPUD_ENABLE_SINGLE_GPU_MULTI_REPLICA")
+    multi = (
+        parse_bool(multi_env, what="GPUD_ENABLE_SINGLE_GPU_MULTI_REPLICA")
+        if multi_env
+        else data.get("allocator", {}).get("single_gpu_multi_replica", True)
+    )
+    keys = data.get("proxy", {}).get("api_keys", [])
+    if not all(isinstance(k, str) and k for k in keys):
+        raise InvalidInput(f"Config key 'proxy.api_keys'{where} must be a list of non-empty strings.")
+    if environ.get("GPUD_API_KEY"):
+        keys = [environ["GPUD_API_KEY"], *keys]
+    sup = dict(data.get("supervisor", {}))
+    if sup.get("restart", "on-failure") not in RESTART_POLICIES:
+        raise InvalidInput(f"Config key 'supervisor.restart'{where} must be one of {', '.join(RESTART_POLICIES)}.")
+    for key, value in sup.items():
+        if key != "restart" and value < 0:
+            raise InvalidInput(f"Config key 'supervisor.{key}'{where} cannot be negative.")
+    return Settings(
+        config_path=path,
+        socket=str(pick("socket", "GPUD_SOCKET", "daemon", "socket", None) or default_socket_path(environ)),
+        socket_group=data.get("daemon", {}).get("socket_group"),
+        state_dir=Path(pick("state_dir", "GPUD_STATE_DIR", "daemon", "state_dir", None) or default_state_dir(environ)),
+        gpus=pick("gpus", "GPUD_GPUS", "gpus", "spec", "auto"),
+        headroom_bytes=headroom,
+        listen_host=listen_host,
+        listen_port=listen_port,
+        multi_replica=multi,
+        api_keys=tuple(keys),
+        max_body_bytes=parse_size(data.get("proxy", {}).get("max_body", "32MiB"), what=f"proxy.max_body{where}"),
+        supervisor=SupervisorSettings(**sup),
+        env=dict(data.get("env", {})),
+        models={name: dict(table) for name, table in data.get("models", {}).items()},
+    )

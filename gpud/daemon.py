@@ -1,0 +1,192 @@
+"""`gpud daemon`: the composition root. Builds settings, ledger, supervisor, service, API and proxy; restores
+models; speaks sd_notify; stops everything in order on SIGTERM/SIGINT.
+
+Shutdown order: STOPPING=1 → the proxy stops accepting → every replica stops (drain, SIGTERM the tree,
+SIGKILL after stop_timeout_sec) → the control socket closes → exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from gpud import procs
+from gpud.config import Settings, load_settings
+from gpud.errors import GpudError
+from gpud.gpus import open_backend
+from gpud.gpus.base import GpuBackend
+from gpud.ledger import Ledger
+from gpud.registry import Registry
+from gpud.sdnotify import Notifier
+from gpud.service import ModelService
+from gpud.spec import ModelSpec
+from gpud.state import StateStore
+from gpud.supervisor import INSTANCE_ENV, Supervisor
+
+log = logging.getLogger("gpud")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="gpud daemon", description="Run the gpud daemon.")
+    parser.add_argument("--config", help="TOML config file (default /etc/gpud/gpud.toml or XDG config)")
+    parser.add_argument("--socket", help="control socket path")
+    parser.add_argument("--state-dir", help="where state, logs and venvs live")
+    parser.add_argument("--gpus", help="auto, or sim:2x80GiB for simulated GPUs")
+    parser.add_argument("--listen", help="proxy address HOST:PORT (default 127.0.0.1:8000)")
+    parser.add_argument("--log-level", default=os.environ.get("GPUD_LOG_LEVEL", "info"),
+                        choices=["debug", "info", "warning", "error"])
+    return parser.parse_args(argv)
+
+
+def instance_id(state_dir: Path) -> str:
+    """Names this daemon's replicas (GPUD_INSTANCE) so a later life on the same state dir can find them."""
+    return hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:16]
+
+
+def run_daemon(argv: list[str]) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    flags = {"config": args.config, "socket": args.socket, "state_dir": args.state_dir,
+             "gpus": args.gpus, "listen": args.listen}
+    try:
+        settings = load_settings(flags)
+        backend = open_backend(settings.gpus)
+    except GpudError as exc:
+        print(f"gpud: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        runner = asyncio.run
+    try:
+        return runner(Daemon(settings, backend).serve())
+    except GpudError as exc:
+        print(f"gpud: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    finally:
+        backend.close()
+
+
+class Daemon:
+    def __init__(self, settings: Settings, backend: GpuBackend) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.started = time.time()
+        self.notifier = Notifier()
+        self._stop = asyncio.Event()
+
+    async def serve(self) -> int:
+        from gpud.api import ControlAPI, serve_unix
+        from gpud.metrics import Metrics
+        from gpud.proxy import Proxy
+
+        settings = self.settings
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        instance = instance_id(settings.state_dir)
+        await self._kill_previous_life(instance)
+
+        registry = Registry()
+        supervisor: Supervisor | None = None
+        ledger = Ledger(self.backend, headroom_bytes=settings.headroom_bytes,
+                        owned_pids=lambda: supervisor.owned_pids() if supervisor else set())
+        supervisor = Supervisor(registry, ledger, settings.supervisor, state_dir=settings.state_dir,
+                                config_env=settings.env, instance=instance)
+        service = ModelService(settings, registry, ledger, supervisor, StateStore(settings.state_dir))
+        api = ControlAPI(service, registry, started=self.started, socket_group=settings.socket_group)
+        metrics = Metrics(registry, ledger)
+        proxy = Proxy(registry, api_keys=settings.api_keys, max_body_bytes=settings.max_body_bytes,
+                      metrics=metrics, on_connect_failure=supervisor.connect_failed)
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+
+        api_runner = await serve_unix(api.make_app(), settings.socket, settings.socket_group)
+        try:
+            await proxy.start(settings.listen_host, settings.listen_port)
+            log.info("gpud %s: control socket %s, proxy http://%s, GPUs %s", _version(), settings.socket,
+                     settings.listen, settings.gpus)
+            await self._restore(service)
+            self.notifier.notify("READY=1", f"STATUS={_status_line(registry)}", f"MAINPID={os.getpid()}")
+            background = [loop.create_task(self._housekeeping(registry, ledger))]
+            await self._stop.wait()
+            log.info("stopping: %d replicas", registry.counts()["replicas"])
+            self.notifier.notify("STOPPING=1")
+            for task in background:
+                task.cancel()
+            await proxy.close()
+            await service.shutdown()
+        finally:
+            await api_runner.cleanup()
+            try:
+                os.unlink(settings.socket)
+            except OSError:
+                pass
+            self.notifier.close()
+        return 0
+
+    async def _restore(self, service: ModelService) -> None:
+        specs, problems = service.store.load()
+        for problem in problems:
+            log.error("%s", problem)
+        declared: list[ModelSpec] = []
+        for name, table in self.settings.models.items():
+            try:
+                declared.append(ModelSpec.from_json({"name": name, **table}))
+            except GpudError as exc:
+                log.error("[models.%s] in %s: %s", name, self.settings.config_path, exc.message)
+        declared_names = {s.name for s in declared}
+        for spec in declared + [s for s in specs if s.name not in declared_names]:
+            try:
+                await service.start_model(spec, declared=spec.name in declared_names)
+            except GpudError as exc:
+                log.error("cannot start model %s: %s", spec.name, exc.message)
+
+    async def _housekeeping(self, registry: Registry, ledger: Ledger) -> None:
+        """Watchdog pings from the event loop itself (a stuck loop stops them), STATUS=, ledger refresh."""
+        interval = min(self.notifier.watchdog_sec / 2, 2.0) if self.notifier.watchdog_sec else 2.0
+        last_status = ""
+        while True:
+            ledger.refresh()
+            status = _status_line(registry)
+            lines = ["WATCHDOG=1"] if self.notifier.watchdog_sec else []
+            if status != last_status:
+                lines.append(f"STATUS={status}")
+                last_status = status
+            if lines:
+                self.notifier.notify(*lines)
+            await asyncio.sleep(interval)
+
+    async def _kill_previous_life(self, instance: str) -> None:
+        """Replicas of an earlier daemon on this state dir that survived it (they should not): stop them
+        before their GPU memory is counted as free."""
+        orphans = procs.find_orphans(INSTANCE_ENV, instance)
+        if not orphans:
+            return
+        log.warning("stopping %d process(es) left by a previous gpud on this state dir: %s", len(orphans), orphans)
+        for pid in orphans:
+            procs.kill_tree(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while procs.alive(orphans) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+
+def _status_line(registry: Registry) -> str:
+    c = registry.counts()
+    return f"{c['models']} models, {c['ready']}/{c['replicas']} replicas ready"
+
+
+def _version() -> str:
+    from gpud import __version__
+
+    return __version__

@@ -1,0 +1,174 @@
+"""The daemon's one source of truth: models → replicas → state. The API, proxy, metrics and sd_notify read it.
+
+Only the supervisor and the daemon write it; every change is published as an event (for `GET /v1/events`
+and the CLI's progress display) through `Registry.publish`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from gpud.spec import ModelSpec, mask_env
+
+
+class ReplicaState(str, enum.Enum):
+    PENDING = "pending"      # placed, waiting for its turn to start (GPU shared with a starting replica)
+    STARTING = "starting"    # process spawned, health not yet 200
+    READY = "ready"          # in the balancer
+    UNHEALTHY = "unhealthy"  # failing health checks or connections; out of the balancer
+    STOPPING = "stopping"    # draining / terminating
+    STOPPED = "stopped"
+    BACKOFF = "backoff"      # failed; waiting for the restart delay
+    FAILED = "failed"        # gave up (start limit, or restart policy says no); reservation released
+
+
+@dataclass
+class Replica:
+    model: str
+    index: int
+    gpus: tuple[int, ...]
+    vram_by_gpu: tuple[int, ...]
+    port: int = 0
+    state: ReplicaState = ReplicaState.PENDING
+    pid: int | None = None          # the engine process (holds the merged env)
+    shim_pid: int | None = None     # gpud.launch parent shim that owns the process tree
+    restarts: int = 0
+    inflight: int = 0
+    last_exit: dict[str, Any] | None = None
+    message: str | None = None      # why it is failed/unhealthy, for people
+    since: float = field(default_factory=time.time)
+
+    @property
+    def vram_bytes(self) -> int:
+        return min(self.vram_by_gpu) if self.vram_by_gpu else 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "state": self.state.value,
+            "pid": self.pid,
+            "gpus": list(self.gpus),
+            "vram_bytes": self.vram_bytes,
+            "port": self.port,
+            "restarts": self.restarts,
+            "inflight": self.inflight,
+            "last_exit": self.last_exit,
+            "message": self.message,
+        }
+
+
+@dataclass
+class Model:
+    spec: ModelSpec
+    replicas: dict[int, Replica] = field(default_factory=dict)
+    stopping: bool = False
+    venv: dict[str, Any] | None = None      # {"path", "packages"} once the venv is resolved
+    created_at: float = field(default_factory=time.time)
+    rotation: int = 0                       # balancer tie-break cursor
+    operation: str | None = None            # "start" | "scale" | "restart" | "stop" while one is in progress
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def ready_replicas(self) -> list[Replica]:
+        return [r for r in self.replicas.values() if r.state is ReplicaState.READY]
+
+    def state(self) -> str:
+        if self.stopping:
+            return "stopping"
+        states = [r.state for r in self.replicas.values()]
+        ready = states.count(ReplicaState.READY)
+        if states and ready == len(states) == self.spec.replicas:
+            return "running"
+        if states and all(s is ReplicaState.FAILED for s in states):
+            return "failed"
+        troubled = {ReplicaState.FAILED, ReplicaState.BACKOFF, ReplicaState.UNHEALTHY, ReplicaState.STOPPED}
+        if any(s in troubled for s in states) or any(r.restarts for r in self.replicas.values()):
+            return "degraded"
+        return "starting"
+
+    def settled(self) -> bool:
+        """True when waiting for this model is over: every replica ready, or one has failed for good."""
+        final = (ReplicaState.FAILED, ReplicaState.STOPPED)
+        states = [r.state for r in self.replicas.values()]
+        return all(s is ReplicaState.READY for s in states) or any(s in final for s in states)
+
+    def failures(self) -> list[Replica]:
+        """Replicas that ended for good while the model was meant to run."""
+        return [r for r in self.replicas.values() if r.state in (ReplicaState.FAILED, ReplicaState.STOPPED)]
+
+    def to_json(self, endpoint: str) -> dict[str, Any]:
+        spec = self.spec
+        return {
+            "name": spec.name,
+            "model": spec.model,
+            "engine": spec.engine,
+            "state": self.state(),
+            "busy": self.operation is not None,
+            "replicas_desired": spec.replicas,
+            "replicas_ready": len(self.ready_replicas()),
+            "endpoint": endpoint,
+            "env": mask_env(spec.env),
+            "unset_env": list(spec.unset_env),
+            "venv": self.venv,
+            "placement": spec.placement,
+            "gpus_per_replica": spec.gpus_per_replica,
+            "vram_bytes": spec.vram_bytes,
+            "args": list(spec.args),
+            "created_at": self.created_at,
+            "replicas": [r.to_json() for r in sorted(self.replicas.values(), key=lambda r: r.index)],
+        }
+
+
+class Registry:
+    """Models by name, plus a fan-out of state-change events to subscribers."""
+
+    def __init__(self) -> None:
+        self.models: dict[str, Model] = {}
+        self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
+
+    def get(self, name: str) -> Model | None:
+        return self.models.get(name)
+
+    def __iter__(self) -> Iterator[Model]:
+        return iter(list(self.models.values()))
+
+    def counts(self) -> dict[str, int]:
+        replicas = [r for m in self.models.values() for r in m.replicas.values()]
+        return {
+            "models": len(self.models),
+            "replicas": len(replicas),
+            "ready": sum(r.state is ReplicaState.READY for r in replicas),
+        }
+
+    def set_state(self, replica: Replica, state: ReplicaState, message: str | None = None) -> None:
+        replica.state = state
+        replica.since = time.time()
+        # A failure's sentence stays visible through the restart that follows it; being ready clears it.
+        if message is not None or state is ReplicaState.READY:
+            replica.message = message
+        self.changed(replica.model)
+
+    def changed(self, name: str) -> None:
+        """Tell subscribers that model `name` changed (the API renders its current state for them)."""
+        self.publish({"type": "changed", "name": name})
+
+    def publish(self, event: dict[str, Any]) -> None:
+        event.setdefault("time", time.time())
+        for queue in list(self._subscribers):
+            if queue.qsize() < 10_000:  # a stuck reader must not grow the daemon without bound
+                queue.put_nowait(event)
+
+    def subscribe(self) -> asyncio.Queue[dict[str, Any]]:
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._subscribers.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[dict[str, Any]]) -> None:
+        self._subscribers.discard(queue)

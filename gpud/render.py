@@ -1,0 +1,314 @@
+"""Pure formatting of control-API JSON for people: tables, exit statuses, progress lines. No I/O here.
+
+Every `format_*` takes the API object (SPEC §5 shapes) and returns a string without a trailing newline.
+Missing optional keys render as "-" so an older or newer daemon never breaks the display.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from gpud.units import format_size
+
+# Kept here rather than imported from gpud.procs: that module imports psutil at its top, which would
+# add ~20 ms to every CLI command. The phrases match procs.describe_exit for the common cases.
+_SIGNAL_TEXT = {
+    "SIGKILL": "killed by SIGKILL (out of memory? stopped by another program?)",
+    "SIGTERM": "terminated by SIGTERM",
+    "SIGINT": "interrupted by SIGINT",
+    "SIGSEGV": "segmentation fault (SIGSEGV)",
+    "SIGABRT": "aborted (SIGABRT)",
+    "SIGBUS": "bus error (SIGBUS)",
+}
+_CODE_TEXT = {
+    0: "exited normally (code 0)",
+    126: "command not executable (exit code 126)",
+    127: "command not found (exit code 127)",
+}
+
+
+def describe_exit(code: int | None, signal_name: str | None) -> str:
+    """One phrase for a person about how a process ended (a signal wins over a code)."""
+    if signal_name:
+        name = signal_name.upper() if signal_name.upper().startswith("SIG") else signal_name
+        return _SIGNAL_TEXT.get(name, f"killed by {name}")
+    if code is None:
+        return "ended with an unknown status"
+    return _CODE_TEXT.get(code, f"exited with code {code}")
+
+
+def short_exit(last_exit: Mapping[str, Any] | None) -> str:
+    """The LAST EXIT column: `code 1`, `SIGKILL`, or `-`."""
+    if not last_exit:
+        return "-"
+    if last_exit.get("signal"):
+        return str(last_exit["signal"])
+    if last_exit.get("code") is not None:
+        return f"code {last_exit['code']}"
+    return "?"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Left-aligned columns two spaces apart, like `docker ps`; the last column is not padded."""
+    cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for row in cells:
+        padded = [c.ljust(w) for c, w in zip(row[:-1], widths[:-1], strict=True)] + [row[-1]]
+        lines.append("  ".join(padded).rstrip())
+    return "\n".join(lines)
+
+
+def _size(value: Any) -> str:
+    return format_size(int(value)) if isinstance(value, int) and not isinstance(value, bool) else "-"
+
+
+def _gpus(gpus: Any) -> str:
+    return ",".join(str(g) for g in gpus) if gpus else "-"
+
+
+def _gpu_phrase(gpus: Sequence[int]) -> str:
+    return ("GPU " if len(gpus) == 1 else "GPUs ") + ",".join(str(g) for g in gpus)
+
+
+def format_duration(seconds: float) -> str:
+    """`3d 4h`, `1h 2m`, `5m 3s`, `42s`: the two largest units, like `docker ps` uptimes."""
+    total = max(0, int(seconds))
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if total >= size or (unit == "s" and not parts):
+            parts.append(f"{total // size}{unit}")
+            total %= size
+    return " ".join(parts[:2])
+
+
+def _when(value: Any) -> str:
+    """A timestamp as local time; epoch seconds or an ISO string (shown as given)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(value))
+    return str(value) if value else "-"
+
+
+# ---- models ------------------------------------------------------------------------------------------
+
+
+def format_model_list(body: Mapping[str, Any]) -> str:
+    models = body.get("models") or []
+    if not models:
+        return "No models are running."
+    rows = [
+        [
+            m.get("name"),
+            m.get("engine"),
+            m.get("state"),
+            f"{m.get('replicas_ready', 0)}/{m.get('replicas_desired', 0)}",
+            m.get("endpoint"),
+        ]
+        for m in models
+    ]
+    return table(["NAME", "ENGINE", "STATE", "READY", "ENDPOINT"], rows)
+
+
+def replica_failure(replica: Mapping[str, Any]) -> str:
+    """Why a replica is not running, as a clause: its message, else its decoded last exit."""
+    message = replica.get("message")
+    last = replica.get("last_exit")
+    exit_text = describe_exit(last.get("code"), last.get("signal")) if last else None
+    if message and exit_text and exit_text not in message:
+        return f"{message.rstrip('.')} (last exit: {exit_text})"
+    return str(message or exit_text or "no reason was given").rstrip(".")
+
+
+def format_model_show(show: Mapping[str, Any]) -> str:
+    state = str(show.get("state", "-"))
+    if show.get("busy"):
+        state += ", an operation is in progress"
+    fields = [
+        ("Name", show.get("name")),
+        ("Model", show.get("model")),
+        ("Engine", show.get("engine")),
+        ("State", state),
+        ("Ready", f"{show.get('replicas_ready', 0)}/{show.get('replicas_desired', 0)} replicas"),
+        ("Endpoint", show.get("endpoint")),
+    ]
+    env = show.get("env") or {}
+    if env:
+        fields.append(("Env", " ".join(f"{k}={v}" for k, v in env.items())))
+    if show.get("unset_env"):
+        fields.append(("Unset env", " ".join(show["unset_env"])))
+    venv = show.get("venv")
+    if venv:
+        packages = " ".join(venv.get("packages") or [])
+        fields.append(("Venv", f"{venv.get('path', '-')}" + (f" ({packages})" if packages else "")))
+    if show.get("args"):
+        fields.append(("Engine args", " ".join(show["args"])))
+    width = max(len(k) for k, _ in fields) + 2
+    lines = [f"{k + ':':<{width}}{'-' if v is None else v}" for k, v in fields]
+    replicas = show.get("replicas") or []
+    if replicas:
+        rows = [
+            [
+                r.get("index"),
+                r.get("state"),
+                r.get("pid"),
+                _gpus(r.get("gpus")),
+                _size(r.get("vram_bytes")),
+                r.get("port") or "-",
+                r.get("restarts", 0),
+                r.get("inflight", 0),
+                short_exit(r.get("last_exit")),
+            ]
+            for r in replicas
+        ]
+        lines += ["", table(["INDEX", "STATE", "PID", "GPUS", "VRAM", "PORT", "RESTARTS", "INFLIGHT", "LAST EXIT"], rows)]
+        notes = [
+            f"replica {r.get('index')}: {replica_failure(r)}"
+            for r in replicas
+            if r.get("state") in ("failed", "backoff", "unhealthy") and (r.get("message") or r.get("last_exit"))
+        ]
+        if notes:
+            lines += [""] + notes
+    return "\n".join(lines)
+
+
+def failed_replicas(show: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    return [r for r in show.get("replicas") or [] if r.get("state") == "failed"]
+
+
+def failure_sentence(show: Mapping[str, Any]) -> str | None:
+    """The one sentence a failed start/scale/restart ends with, or None when nothing failed for good."""
+    failed = failed_replicas(show)
+    name = show.get("name")
+    if failed:
+        first = failed[0]
+        more = f" ({len(failed) - 1} more failed too)" if len(failed) > 1 else ""
+        return f"Model {name!r} replica {first.get('index')} failed: {replica_failure(first)}{more}."
+    if show.get("state") == "failed":
+        return f"Model {name!r} failed."
+    return None
+
+
+# ---- progress ----------------------------------------------------------------------------------------
+
+
+def _replica_detail(replica: Mapping[str, Any]) -> str:
+    state = replica.get("state")
+    parts: list[str] = []
+    if state in ("failed", "backoff", "unhealthy") and (replica.get("message") or replica.get("last_exit")):
+        parts.append(replica_failure(replica))
+    if replica.get("gpus"):
+        parts.append(_gpu_phrase(replica["gpus"]))
+    if replica.get("port") and state in ("starting", "ready"):
+        parts.append(f"port {replica['port']}")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def replica_change(old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> str | None:
+    """One progress line for a replica whose state changed, e.g. `replica 1: starting → ready (GPU 1, port 41234)`."""
+    if new is None:
+        return None if old is None else f"replica {old.get('index')}: removed"
+    state = new.get("state")
+    if old is not None and old.get("state") == state:
+        return None
+    arrow = state if old is None else f"{old.get('state')} → {state}"
+    return f"replica {new.get('index')}: {arrow}{_replica_detail(new)}"
+
+
+def replica_changes(previous: Mapping[int, Mapping[str, Any]], show: Mapping[str, Any]) -> list[str]:
+    """Progress lines between the replicas seen before (by index) and a new model show object."""
+    current = {r.get("index"): r for r in show.get("replicas") or []}
+    lines = []
+    for index in sorted(set(previous) | set(current), key=lambda i: (i is None, i)):
+        line = replica_change(previous.get(index), current.get(index))
+        if line:
+            lines.append(line)
+    return lines
+
+
+# ---- GPUs, plans, status, venvs ----------------------------------------------------------------------
+
+
+def format_gpus(body: Mapping[str, Any]) -> str:
+    gpus = body.get("gpus") or []
+    if not gpus:
+        return "No GPUs."
+    rows = []
+    notes = []
+    for g in gpus:
+        hosted = " ".join(f"{r.get('model')}#{r.get('index')}" for r in g.get("replicas") or []) or "-"
+        rows.append(
+            [
+                g.get("index"),
+                g.get("name"),
+                _size(g.get("total_bytes")),
+                _size(g.get("used_by_others_bytes")),
+                _size(g.get("reserved_bytes")),
+                _size(g.get("available_bytes")),
+                hosted,
+            ]
+        )
+        if g.get("ok") is False:
+            notes.append(f"GPU {g.get('index')} is not usable: {g.get('reason') or 'no reason was given'}.")
+    text = table(["INDEX", "NAME", "TOTAL", "USED-BY-OTHERS", "RESERVED", "AVAILABLE", "REPLICAS"], rows)
+    return text + ("\n\n" + "\n".join(notes) if notes else "")
+
+
+def format_plan(plan: Mapping[str, Any]) -> str:
+    if not plan.get("fits"):
+        return f"Does not fit: {plan.get('reason') or 'no reason was given'}"
+    replicas = plan.get("replicas") or []
+    rows = [[r.get("index"), _gpus(r.get("gpus")), _size(r.get("vram_bytes"))] for r in replicas]
+    by_gpu: dict[int, list[str]] = {}
+    for r in replicas:
+        for g in r.get("gpus") or []:
+            by_gpu.setdefault(g, []).append(str(r.get("index")))
+    summary = "; ".join(
+        f"GPU {g} hosts {'replica' if len(ids) == 1 else 'replicas'} {', '.join(ids)}" for g, ids in sorted(by_gpu.items())
+    )
+    head = f"Fits: {len(replicas)} {'replica' if len(replicas) == 1 else 'replicas'}."
+    return "\n".join([head, "", table(["REPLICA", "GPUS", "VRAM"], rows), "", summary + "."])
+
+
+def format_status(status: Mapping[str, Any]) -> str:
+    uptime = status.get("uptime_sec")
+    fields = [
+        ("Version", status.get("version")),
+        ("Uptime", format_duration(uptime) if isinstance(uptime, (int, float)) else None),
+        ("Socket", status.get("socket")),
+        ("Proxy", status.get("proxy")),
+        ("GPUs", status.get("gpus_spec")),
+        (
+            "Models",
+            f"{status.get('models', 0)} ({status.get('replicas', 0)} replicas, {status.get('ready', 0)} ready)",
+        ),
+    ]
+    width = max(len(k) for k, _ in fields) + 2
+    return "\n".join(f"{k + ':':<{width}}{'-' if v is None else v}" for k, v in fields)
+
+
+def format_venvs(body: Mapping[str, Any]) -> str:
+    venvs = body.get("venvs") or []
+    if not venvs:
+        return "No virtualenvs."
+    rows = [
+        [
+            str(v.get("key", "-"))[:12],
+            " ".join(v.get("packages") or []) or "-",
+            _size(v.get("size_bytes")),
+            _when(v.get("last_used")),
+            " ".join(v.get("models") or []) or "-",
+            v.get("path"),
+        ]
+        for v in venvs
+    ]
+    return table(["KEY", "PACKAGES", "SIZE", "LAST USED", "MODELS", "PATH"], rows)
+
+
+def format_prune(body: Mapping[str, Any]) -> str:
+    removed = body.get("removed") or []
+    if not removed:
+        return "No unused virtualenvs to remove."
+    noun = "virtualenv" if len(removed) == 1 else "virtualenvs"
+    return "\n".join([f"Removed {len(removed)} unused {noun}:"] + [f"  {p}" for p in removed])

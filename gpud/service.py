@@ -1,0 +1,271 @@
+"""Model operations: start, scale, stop, restart, plan — validated, placed all-or-nothing, then supervised.
+
+The control API calls these; each mutation marks the model busy (`Model.operation`) until it is done, so
+clients can wait for exactly that (SPEC §5: start/stop/scale/restart wait until done or failed for good).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from gpud.config import Settings
+from gpud.errors import Conflict, DoesNotFit, InvalidInput, NotFound
+from gpud.ledger import Ledger, Reservation
+from gpud.placement import PlacementRequest, ReplicaPlacement, place, plan_json, validate_request
+from gpud.registry import Model, Registry, Replica, ReplicaState
+from gpud.spec import ModelSpec
+from gpud.state import StateStore
+from gpud.supervisor import Supervisor
+
+log = logging.getLogger("gpud.service")
+
+
+def placement_request(spec: ModelSpec, replicas: int, multi_replica: bool) -> PlacementRequest:
+    return PlacementRequest(
+        replicas=replicas,
+        gpus_per_replica=spec.gpus_per_replica,
+        vram_bytes=spec.vram_bytes,
+        gpu_idx=spec.gpu_idx,
+        policy=spec.placement,
+        multi_replica=multi_replica,
+    )
+
+
+class ModelService:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry,
+        ledger: Ledger,
+        supervisor: Supervisor,
+        store: StateStore,
+        *,
+        prepare: Callable[[Model], Awaitable[None]] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.ledger = ledger
+        self.supervisor = supervisor
+        self.store = store
+        # Work done before a model's replicas first start (building its venv); raises GpudError to fail it.
+        self.prepare = prepare
+        self.declared: set[str] = set()  # models from [models.NAME] tables: not persisted
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{self.settings.listen}/v1"
+
+    def get(self, name: str) -> Model:
+        model = self.registry.get(name)
+        if model is None:
+            raise NotFound(f"No model named {name!r} (see `gpud model list`).")
+        return model
+
+    def show(self, model: Model) -> dict[str, Any]:
+        return model.to_json(self.endpoint)
+
+    # ---- placement ----------------------------------------------------------------------------------
+    def _place(self, spec: ModelSpec, replicas: int, first_index: int) -> list[ReplicaPlacement]:
+        self.ledger.refresh()
+        views = self.ledger.views()
+        request = placement_request(spec, replicas, self.settings.multi_replica)
+        validate_request(request, views)
+        return place(request, views, first_index=first_index)
+
+    def plan(self, body: Any) -> dict[str, Any]:
+        if isinstance(body, dict) and "model" not in body:
+            body = {**body, "model": "plan"}
+        spec = ModelSpec.from_json(body)
+        try:
+            placements = self._place(spec, spec.replicas, 0)
+        except DoesNotFit as exc:
+            return exc.details.get("plan") or plan_json(None, exc.message)
+        return plan_json(placements, None)
+
+    def _reserve(self, spec: ModelSpec, placements: list[ReplicaPlacement]) -> None:
+        self.ledger.reserve([
+            Reservation(spec.name, p.index, p.gpus, p.vram_by_gpu, exclusive=spec.vram_bytes is None)
+            for p in placements
+        ])
+
+    # ---- operations ---------------------------------------------------------------------------------
+    async def start_model(self, spec: ModelSpec, *, declared: bool = False) -> Model:
+        if spec.name in self.registry.models:
+            raise Conflict(f"A model named {spec.name!r} is already running; stop it first or pick another --name.")
+        placements = self._place(spec, spec.replicas, 0)
+        self._reserve(spec, placements)  # all or nothing; nothing else has changed yet
+        model = Model(spec)
+        for p in placements:
+            model.replicas[p.index] = Replica(spec.name, p.index, p.gpus, p.vram_by_gpu)
+        self.registry.models[spec.name] = model
+        if declared:
+            self.declared.add(spec.name)
+        else:
+            try:
+                self._persist()
+            except OSError as exc:
+                del self.registry.models[spec.name]
+                self.ledger.release_model(spec.name)
+                raise InvalidInput(f"Cannot save the state under {self.store.path.parent}: {exc.strerror}.") from None
+        self._begin(model, "start", self._run_start(model))
+        return model
+
+    async def _run_start(self, model: Model) -> None:
+        if self.prepare is not None:
+            try:
+                await self.prepare(model)
+            except Exception as exc:  # the message is the user's answer; nothing stays reserved
+                message = getattr(exc, "message", None) or str(exc)
+                for replica in model.replicas.values():
+                    self.ledger.release(model.name, replica.index)
+                    self.registry.set_state(replica, ReplicaState.FAILED, message)
+                return
+        for replica in sorted(model.replicas.values(), key=lambda r: r.index):
+            if not model.stopping:
+                self.supervisor.launch(model, replica)
+        await self._wait_settled(model)
+
+    async def scale(self, name: str, replicas: int) -> Model:
+        model = self.get(name)
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or not 1 <= replicas <= 1024:
+            raise InvalidInput("Invalid replicas: expected a whole number from 1 to 1024.")
+        self._check_idle(model)
+        current = sorted(model.replicas)
+        if replicas > len(current):
+            first = (current[-1] + 1) if current else 0
+            placements = self._place(model.spec, replicas - len(current), first)
+            self._reserve(model.spec, placements)
+            new = [Replica(name, p.index, p.gpus, p.vram_by_gpu) for p in placements]
+            removed: list[int] = []
+        else:
+            new, removed = [], current[replicas:]
+        model.spec = dataclasses.replace(model.spec, replicas=replicas)
+        self._persist()
+        self._begin(model, "scale", self._run_scale(model, new, removed))
+        return model
+
+    async def _run_scale(self, model: Model, new: list[Replica], removed: list[int]) -> None:
+        for index in removed:
+            self.registry.set_state(model.replicas[index], ReplicaState.STOPPING)
+        await asyncio.gather(*(self.supervisor.stop(model.name, i) for i in removed))
+        for index in removed:
+            model.replicas.pop(index, None)
+        for replica in new:
+            model.replicas[replica.index] = replica
+            self.supervisor.launch(model, replica)
+        await self._wait_settled(model)
+
+    async def restart(self, name: str, rolling: bool = False) -> Model:
+        model = self.get(name)
+        self._check_idle(model)
+        self._begin(model, "restart", self._run_restart(model, rolling))
+        return model
+
+    async def _run_restart(self, model: Model, rolling: bool) -> None:
+        # Failed replicas gave their reservation back: place them again first (all of them, or none).
+        failed = [r for r in model.replicas.values() if r.state in (ReplicaState.FAILED, ReplicaState.STOPPED)]
+        replaced: dict[int, Replica] = {}
+        for replica in failed:
+            await self.supervisor.stop(model.name, replica.index)
+        if failed:
+            try:
+                placements = self._place(model.spec, len(failed), 0)
+            except DoesNotFit as exc:
+                for replica in failed:
+                    self.registry.set_state(replica, ReplicaState.FAILED, exc.message)
+                return
+            # Keep the replicas' indices; only their GPUs may change.
+            placements = [dataclasses.replace(p, index=r.index) for p, r in zip(placements, failed, strict=True)]
+            self._reserve(model.spec, placements)
+            for p in placements:
+                replaced[p.index] = Replica(model.name, p.index, p.gpus, p.vram_by_gpu,
+                                            restarts=model.replicas[p.index].restarts)
+        others = [r for r in sorted(model.replicas.values(), key=lambda r: r.index) if r.index not in replaced]
+        for replica in replaced.values():
+            model.replicas[replica.index] = replica
+            self.supervisor.launch(model, replica)
+        if rolling:
+            for replica in others:
+                await self._restart_one(model, replica)
+                await self._wait_settled(model)
+        else:
+            await asyncio.gather(*(self._restart_one(model, r) for r in others))
+        await self._wait_settled(model)
+
+    async def _restart_one(self, model: Model, replica: Replica) -> None:
+        # stop() releases the reservation; take it again at once for the same GPUs, then start afresh.
+        await self.supervisor.stop(model.name, replica.index)
+        self.ledger.reserve([Reservation(model.name, replica.index, replica.gpus, replica.vram_by_gpu,
+                                         exclusive=model.spec.vram_bytes is None)])
+        fresh = Replica(model.name, replica.index, replica.gpus, replica.vram_by_gpu, restarts=replica.restarts)
+        model.replicas[replica.index] = fresh
+        self.supervisor.launch(model, fresh)
+
+    async def stop_model(self, name: str) -> Model:
+        model = self.get(name)
+        if model.operation == "stop":
+            return model
+        model.stopping = True
+        self.declared.discard(name)
+        self._persist()
+        self._begin(model, "stop", self._run_stop(model))
+        return model
+
+    async def _run_stop(self, model: Model) -> None:
+        for replica in model.replicas.values():
+            if replica.state not in (ReplicaState.FAILED, ReplicaState.STOPPED):
+                self.registry.set_state(replica, ReplicaState.STOPPING)
+        await asyncio.gather(*(self.supervisor.stop(model.name, i) for i in list(model.replicas)))
+        self.ledger.release_model(model.name)
+        if self.registry.models.get(model.name) is model:
+            del self.registry.models[model.name]
+        self.registry.publish({"type": "removed", "name": model.name})
+
+    async def shutdown(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.supervisor.shutdown()
+
+    # ---- helpers ------------------------------------------------------------------------------------
+    def _check_idle(self, model: Model) -> None:
+        if model.stopping:
+            raise Conflict(f"Model {model.name!r} is stopping.")
+        if model.operation is not None:
+            raise Conflict(f"Model {model.name!r} is busy ({model.operation}); wait for it to finish.")
+
+    def _begin(self, model: Model, operation: str, work: Awaitable[None]) -> None:
+        model.operation = operation
+        self.registry.changed(model.name)
+
+        async def runner() -> None:
+            try:
+                await work
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("model %s: %s failed", model.name, operation)
+            finally:
+                if model.operation == operation:
+                    model.operation = None
+                    self.registry.changed(model.name)
+
+        task = asyncio.get_running_loop().create_task(runner(), name=f"{operation} {model.name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _wait_settled(self, model: Model) -> None:
+        queue = self.registry.subscribe()
+        try:
+            while not (model.stopping or model.settled()):
+                await queue.get()
+        finally:
+            self.registry.unsubscribe(queue)
+
+    def _persist(self) -> None:
+        self.store.save([m.spec for m in self.registry if not m.stopping and m.name not in self.declared])

@@ -1,0 +1,218 @@
+"""ModelSpec: a request to run a model, validated from JSON into a frozen value, and the env merge of SPEC §6.
+
+Everything a user can send is checked here, with one sentence per mistake, before anything changes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from gpud.errors import InvalidInput
+from gpud.units import parse_size
+
+ENGINES = ("vllm", "sim", "command")
+POLICIES = ("spread", "pack")
+MANAGED_ENV = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "GPUD_MODEL", "GPUD_REPLICA", "GPUD_PORT")
+MAX_REPLICAS = 1024
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_SECRET_RE = re.compile(r"TOKEN|KEY|SECRET|PASSWORD", re.IGNORECASE)
+_FIELDS = (
+    "name", "model", "engine", "replicas", "gpus_per_replica", "vram", "gpu_idx", "placement",
+    "env", "unset_env", "venv", "args", "command", "health_path", "start_timeout_sec",
+)
+
+
+def validate_model_name(name: Any, *, what: str = "model name") -> str:
+    """A model name per SPEC §2: 1–128 of [A-Za-z0-9._:/-], starting alnum, no empty/./.. segment."""
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise InvalidInput(
+            f"Invalid {what} {name!r}: use 1-128 characters of A-Z a-z 0-9 . _ - : /, starting with a letter or digit."
+        )
+    if any(seg in ("", ".", "..") for seg in name.split("/")):
+        raise InvalidInput(f"Invalid {what} {name!r}: a path segment may not be empty, '.' or '..'.")
+    return name
+
+
+def validate_env(env: Any, *, what: str = "env") -> dict[str, str]:
+    """Overrides: names [A-Za-z_][A-Za-z0-9_]*, string values without NUL, no gpud-managed name."""
+    if not isinstance(env, Mapping):
+        raise InvalidInput(f"Invalid {what}: expected an object of NAME: value strings.")
+    out: dict[str, str] = {}
+    for key, value in env.items():
+        validate_env_name(key, what=what)
+        if not isinstance(value, str):
+            raise InvalidInput(f"Invalid {what} value for {key}: expected a string.")
+        if "\0" in value:
+            raise InvalidInput(f"Invalid {what} value for {key}: it contains a NUL character.")
+        out[key] = value
+    return out
+
+
+def validate_env_name(key: Any, *, what: str = "env") -> str:
+    if not isinstance(key, str) or not _ENV_NAME_RE.match(key):
+        raise InvalidInput(f"Invalid {what} name {key!r}: use letters, digits and _, not starting with a digit.")
+    if key in MANAGED_ENV:
+        hint = " use --gpu-idx to choose GPUs" if key.startswith("CUDA") else ""
+        raise InvalidInput(f"{key} is managed by gpud and cannot be set or unset;{hint or ' it is set per replica'}.")
+    return key
+
+
+def parse_env_assignment(text: str) -> tuple[str, str]:
+    """`KEY=VALUE` from the CLI's --env; the value may contain '=' and newlines."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise InvalidInput(f"Invalid --env {text!r}: expected KEY=VALUE.")
+    validate_env({key: value}, what="--env")
+    return key, value
+
+
+def is_secret(key: str) -> bool:
+    return bool(_SECRET_RE.search(key))
+
+
+def mask_env(env: Mapping[str, str]) -> dict[str, str]:
+    """Values of keys that look secret (*TOKEN*, *KEY*, *SECRET*, *PASSWORD*) shown as ***."""
+    return {k: ("***" if is_secret(k) else v) for k, v in env.items()}
+
+
+def merge_env(
+    daemon_env: Mapping[str, str],
+    config_env: Mapping[str, str],
+    model_env: Mapping[str, str],
+    unset: Sequence[str],
+    managed: Mapping[str, str],
+) -> dict[str, str]:
+    """SPEC §6 order, later wins: daemon env → config [env] → model env → unset → gpud-managed."""
+    env = dict(daemon_env)
+    env.update(config_env)
+    env.update(model_env)
+    for key in unset:
+        env.pop(key, None)
+    env.update(managed)
+    return env
+
+
+def _int_field(body: Mapping[str, Any], key: str, default: int, *, minimum: int, maximum: int) -> int:
+    value = body.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(f"Invalid {key} {value!r}: expected a whole number.")
+    if not minimum <= value <= maximum:
+        raise InvalidInput(f"Invalid {key} {value}: expected a number from {minimum} to {maximum}.")
+    return value
+
+
+def _str_list(body: Mapping[str, Any], key: str) -> tuple[str, ...]:
+    value = body.get(key) or []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidInput(f"Invalid {key}: expected a list of strings.")
+    if any("\0" in v for v in value):
+        raise InvalidInput(f"Invalid {key}: an entry contains a NUL character.")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a user asked for. `name` is what clients see; `model` is what the engine serves."""
+
+    name: str
+    model: str
+    engine: str = "vllm"
+    replicas: int = 1
+    gpus_per_replica: int = 1
+    vram_bytes: int | None = None  # per GPU per replica; None = exclusive GPUs
+    gpu_idx: tuple[int, ...] | None = None
+    placement: str = "spread"
+    env: dict[str, str] = field(default_factory=dict)
+    unset_env: tuple[str, ...] = ()
+    venv_packages: tuple[str, ...] = ()
+    args: tuple[str, ...] = ()
+    command: str | None = None
+    health_path: str = "/health"
+    start_timeout_sec: float | None = None
+
+    @classmethod
+    def from_json(cls, body: Any) -> ModelSpec:
+        """Validate a POST /v1/models body (also a `[models.NAME]` table and a persisted record)."""
+        if not isinstance(body, Mapping):
+            raise InvalidInput("Invalid request: expected a JSON object.")
+        unknown = sorted(set(body) - set(_FIELDS))
+        if unknown:
+            raise InvalidInput(f"Unknown field {unknown[0]!r} (known fields: {', '.join(_FIELDS)}).")
+        if "model" not in body:
+            raise InvalidInput("Missing field 'model': the model to serve.")
+        model = validate_model_name(body["model"], what="model")
+        name = validate_model_name(body.get("name") or model, what="name")
+        engine = body.get("engine", "vllm")
+        if engine not in ENGINES:
+            raise InvalidInput(f"Unknown engine {engine!r}: use one of {', '.join(ENGINES)}.")
+        placement = body.get("placement", "spread")
+        if placement not in POLICIES:
+            raise InvalidInput(f"Unknown placement {placement!r}: use spread or pack.")
+        vram = body.get("vram")
+        vram_bytes = None if vram is None else parse_size(vram, what="vram")
+        if vram_bytes is not None and vram_bytes <= 0:
+            raise InvalidInput("Invalid vram: it must be more than 0 bytes.")
+        gpu_idx = body.get("gpu_idx")
+        if gpu_idx is not None:
+            if not isinstance(gpu_idx, list) or not gpu_idx or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in gpu_idx
+            ):
+                raise InvalidInput("Invalid gpu_idx: expected a non-empty list of GPU indices (0, 1, …).")
+            if len(set(gpu_idx)) != len(gpu_idx):
+                raise InvalidInput("Invalid gpu_idx: a GPU is listed twice.")
+            gpu_idx = tuple(gpu_idx)
+        venv = body.get("venv")
+        if venv is not None and (not isinstance(venv, Mapping) or set(venv) - {"packages"}):
+            raise InvalidInput("Invalid venv: expected {\"packages\": [requirement, …]}.")
+        packages = _str_list(venv or {}, "packages")
+        command = body.get("command")
+        if command is not None and not isinstance(command, str):
+            raise InvalidInput("Invalid command: expected a string template.")
+        health_path = body.get("health_path", "/health")
+        if not isinstance(health_path, str) or not health_path.startswith("/"):
+            raise InvalidInput("Invalid health_path: expected a path starting with '/'.")
+        timeout = body.get("start_timeout_sec")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+            raise InvalidInput("Invalid start_timeout_sec: expected a number of seconds above 0.")
+        unset = _str_list(body, "unset_env")
+        for key in unset:
+            validate_env_name(key, what="unset_env")
+        spec = cls(
+            name=name,
+            model=model,
+            engine=engine,
+            replicas=_int_field(body, "replicas", 1, minimum=1, maximum=MAX_REPLICAS),
+            gpus_per_replica=_int_field(body, "gpus_per_replica", 1, minimum=1, maximum=64),
+            vram_bytes=vram_bytes,
+            gpu_idx=gpu_idx,
+            placement=placement,
+            env=validate_env(body.get("env") or {}),
+            unset_env=unset,
+            venv_packages=packages,
+            args=_str_list(body, "args"),
+            command=command,
+            health_path=health_path,
+            start_timeout_sec=None if timeout is None else float(timeout),
+        )
+        # Engine-specific checks (managed vLLM flags, command templates, sim args) live with the engines.
+        from gpud.engines import validate_engine_request
+
+        validate_engine_request(spec.engine, spec.args, spec.command)
+        return spec
+
+    def to_json(self) -> dict[str, Any]:
+        """The persisted form; from_json(to_json()) gives the same spec back."""
+        d = asdict(self)
+        d.pop("vram_bytes")
+        d.pop("venv_packages")
+        d["vram"] = self.vram_bytes
+        d["venv"] = {"packages": list(self.venv_packages)} if self.venv_packages else None
+        d["gpu_idx"] = list(self.gpu_idx) if self.gpu_idx is not None else None
+        for key in ("unset_env", "args"):
+            d[key] = list(d[key])
+        return {k: v for k, v in d.items() if v is not None}
