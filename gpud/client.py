@@ -80,6 +80,27 @@ def _error_from_response(status: int, raw: bytes) -> GpudError:
     return from_json(body, status)
 
 
+def is_busy(show: dict[str, Any]) -> bool:
+    """True while an operation runs on the model: the daemon's `busy` key.
+
+    Without that key (an older daemon) the model counts as settled once every replica is ready or one
+    has failed for good, which is what `start` waits for.
+    """
+    busy = show.get("busy")
+    if isinstance(busy, bool):
+        return busy
+    states = [r.get("state") for r in show.get("replicas") or []]
+    return not (states and all(s == "ready" for s in states) or "failed" in states)
+
+
+def _decode_event(line: str) -> dict[str, Any] | None:
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None  # a keep-alive blank line or garbage: nothing to act on
+    return event if isinstance(event, dict) else None
+
+
 class Client:
     """Talks to one daemon. `timeout` bounds connecting and each plain request."""
 
@@ -197,28 +218,29 @@ class Client:
         change that finished before we subscribed is seen at once. `observer` sees every relevant event
         (for progress displays). StreamTimeout when `timeout` passes first.
         """
-        for line in self.stream_lines("/v1/events", {"model": name}, timeout=timeout):
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue  # a keep-alive blank line or garbage: nothing to act on
-            if not isinstance(event, dict):
-                continue
-            target = event.get("name")
-            if target is None and isinstance(event.get("model"), str):
-                target = event["model"]  # replica events name their model under "model"
-            if target is not None and target != name:
-                continue
-            if observer is not None:
-                observer(event)
-            kind = event.get("type")
-            if kind == "model" and isinstance(event.get("model"), dict):
-                if not until_removed and not event["model"].get("busy"):
-                    return event["model"]
-            elif kind == "removed":
-                if until_removed:
-                    return None
-                raise GpudError(f"Model {name!r} was removed before the operation finished.")
+        lines = self.stream_lines("/v1/events", {"model": name}, timeout=timeout)
+        try:
+            for line in lines:
+                event = _decode_event(line)
+                if event is None:
+                    continue
+                target = event.get("name")
+                if target is None and isinstance(event.get("model"), str):
+                    target = event["model"]  # replica events name their model under "model"
+                if target is not None and target != name:
+                    continue
+                if observer is not None:
+                    observer(event)
+                kind = event.get("type")
+                if kind == "model" and isinstance(event.get("model"), dict):
+                    if not until_removed and not is_busy(event["model"]):
+                        return event["model"]
+                elif kind == "removed":
+                    if until_removed:
+                        return None
+                    raise GpudError(f"Model {name!r} was removed before the operation finished.")
+        finally:
+            lines.close()  # leave the daemon's stream now, not whenever the generator is collected
         raise GpudError(
             f"The daemon ended the event stream before model {name!r} was done; check with `gpud model show {name}`."
         )

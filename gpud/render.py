@@ -144,7 +144,7 @@ def format_model_show(show: Mapping[str, Any]) -> str:
         fields.append(("Venv", f"{venv.get('path', '-')}" + (f" ({packages})" if packages else "")))
     if show.get("args"):
         fields.append(("Engine args", " ".join(show["args"])))
-    width = max(len(k) for k, _ in fields) + 2
+    width = max(len(k) for k, _ in fields) + 3  # two spaces after the longest "Key:"
     lines = [f"{k + ':':<{width}}{'-' if v is None else v}" for k, v in fields]
     replicas = show.get("replicas") or []
     if replicas:
@@ -284,7 +284,7 @@ def format_status(status: Mapping[str, Any]) -> str:
             f"{status.get('models', 0)} ({status.get('replicas', 0)} replicas, {status.get('ready', 0)} ready)",
         ),
     ]
-    width = max(len(k) for k, _ in fields) + 2
+    width = max(len(k) for k, _ in fields) + 3  # two spaces after the longest "Key:"
     return "\n".join(f"{k + ':':<{width}}{'-' if v is None else v}" for k, v in fields)
 
 

@@ -183,7 +183,8 @@ class ReplicaRunner:
         env = self.sup.replica_env(self.model, replica)
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "gpud.launch", "--log", str(path),
-            "--stop-timeout", f"{self.sup.settings.stop_timeout_sec:g}", "--", *plan.argv,
+            "--stop-timeout", f"{self.sup.settings.stop_timeout_sec:g}", "--parent-pid", str(os.getpid()),
+            "--", *plan.argv,
             env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             start_new_session=True, cwd=str(self.sup.state_dir),
         )

@@ -399,7 +399,7 @@ def test_read_commands_render_tables(fake: FakeDaemon, capsys: pytest.CaptureFix
     fake.route("GET", "/v1/venvs", Json(200, {"venvs": []}))
     fake.route("POST", "/v1/venvs/prune", Json(200, {"removed": ["/var/lib/gpud/venvs/abc"]}))
     assert run(fake, "status") == 0
-    assert "Uptime:  1h 2m" in capsys.readouterr().out
+    assert "Uptime:   1h 2m" in capsys.readouterr().out
     assert run(fake, "venv", "list") == 0
     assert capsys.readouterr().out == "No virtualenvs.\n"
     assert run(fake, "venv", "prune", "-o", "json") == 0
@@ -413,3 +413,16 @@ def test_plan_through_the_daemon(fake: FakeDaemon, capsys: pytest.CaptureFixture
     out, err = capsys.readouterr()
     assert out == "" and err == f"gpud: {plan['reason']}\n"
     assert fake.requests[0]["body"] == {"replicas": 1, "vram": "90GiB", "gpu_idx": [0]}
+
+
+def test_is_busy_falls_back_to_replica_states_without_the_busy_key() -> None:
+    from gpud.client import is_busy
+
+    assert is_busy(show("m", "running", [replica(0, "ready")], busy=True)) is True
+    legacy = show("m", "starting", [replica(0, "ready"), replica(1, "starting")], busy=False)
+    del legacy["busy"]
+    assert is_busy(legacy) is True
+    legacy["replicas"][1]["state"] = "failed"
+    assert is_busy(legacy) is False
+    legacy["replicas"] = [replica(0, "ready")]
+    assert is_busy(legacy) is False
