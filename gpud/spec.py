@@ -107,7 +107,8 @@ def _int_field(body: Mapping[str, Any], key: str, default: int, *, minimum: int,
 
 
 def _str_list(body: Mapping[str, Any], key: str) -> tuple[str, ...]:
-    value = body.get(key) or []
+    value = body.get(key)
+    value = [] if value is None else value
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise InvalidInput(f"Invalid {key}: expected a list of strings.")
     if any("\0" in v for v in value):
@@ -191,7 +192,7 @@ class ModelSpec:
             vram_bytes=vram_bytes,
             gpu_idx=gpu_idx,
             placement=placement,
-            env=validate_env(body.get("env") or {}),
+            env=validate_env({} if body.get("env") is None else body["env"]),
             unset_env=unset,
             venv_packages=packages,
             args=_str_list(body, "args"),

@@ -52,7 +52,7 @@ class StateStore:
 
     def save(self, specs: list[ModelSpec]) -> None:
         payload: dict[str, Any] = {"version": VERSION, "models": {s.name: s.to_json() for s in specs}}
-        data = json.dumps(payload, indent=2, sort_keys=True).encode()
+        data = json.dumps(payload, indent=2).encode()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".state.", suffix=".tmp", dir=self.path.parent)
         try:

@@ -1,0 +1,117 @@
+"""Control API edges: errors as JSON with the documented codes, never a 500 for bad input, peer checks."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+
+import pytest
+from conftest import Daemon
+
+from gpud.api import peer_allowed
+from gpud.client import model_path
+
+
+def raw_request(daemon: Daemon, method: str, path: str, body: bytes | None = None) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection("localhost", timeout=10)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(daemon.socket)
+    conn.sock = sock
+    try:
+        conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read() or b"null")
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "code"),
+    [
+        ("POST", "/v1/models", b"{not json", 422, "invalid"),
+        ("POST", "/v1/models", b"[1, 2]", 422, "invalid"),
+        ("POST", "/v1/models", b'{"model": "m", "replicas": 1e400}', 422, "invalid"),
+        ("POST", "/v1/models", b'{"model": "m", "vram": {"a": 1}}', 422, "invalid"),
+        ("POST", "/v1/plan", b'{"replicas": -1}', 422, "invalid"),
+        ("GET", "/v1/models/nope", None, 404, "not_found"),
+        ("PATCH", "/v1/models/nope", b'{"replicas": 2}', 404, "not_found"),
+        ("DELETE", "/v1/models/nope", None, 404, "not_found"),
+        ("POST", "/v1/models/nope/restart", b"{}", 404, "not_found"),
+        ("GET", "/v1/models/nope/logs", None, 404, "not_found"),
+        ("GET", "/v1/nothing", None, 404, "not_found"),
+        ("PUT", "/v1/gpus", None, 404, "not_found"),
+    ],
+)
+def test_errors_are_json_with_documented_codes(daemon: Daemon, method: str, path: str, body: bytes | None,
+                                                status: int, code: str) -> None:
+    got, payload = raw_request(daemon, method, path, body)
+    assert (got, payload["error"]["code"]) == (status, code)
+    assert payload["error"]["message"].endswith(".")
+
+
+def test_bad_patch_and_restart_bodies(daemon: Daemon) -> None:
+    daemon.start_model({"model": "Org/m", "engine": "sim", "vram": "1GiB"})
+    for body in (b'{"replicas": 0}', b'{"replicas": "2"}', b'{"replica": 2}', b"{}", b"null"):
+        status, payload = raw_request(daemon, "PATCH", model_path("Org/m"), body)
+        assert status == 422, body
+    status, _ = raw_request(daemon, "POST", model_path("Org/m", "restart"), b'{"rolling": "yes"}')
+    assert status == 422
+    status, payload = raw_request(daemon, "GET", model_path("Org/m"))
+    assert status == 200 and payload["name"] == "Org/m" and payload["replicas_desired"] == 1
+
+
+def test_plan_shapes(daemon: Daemon) -> None:
+    fits = daemon.client.request("POST", "/v1/plan", {"replicas": 3, "vram": "20GiB"})
+    assert fits == {"fits": True, "reason": None, "replicas": [
+        {"index": 0, "gpus": [0], "vram_bytes": 20 * 2**30},
+        {"index": 1, "gpus": [1], "vram_bytes": 20 * 2**30},
+        {"index": 2, "gpus": [0], "vram_bytes": 20 * 2**30}]}
+    refused = daemon.client.request("POST", "/v1/plan", {"replicas": 2, "vram": "79.9GiB"})
+    assert refused["fits"] is False and refused["replicas"] == [] and "GPU0" in refused["reason"]
+
+
+def test_peer_rules() -> None:
+    assert peer_allowed(0, 0, None)
+    assert peer_allowed(os.geteuid(), 0, None)
+    assert not peer_allowed(65534, 65534, None)
+    assert not peer_allowed(65534, 65534, "no-such-group-here")
+
+
+def _status_line_as(uid: int, path: str) -> str:
+    """GET /v1/status from a forked child that has dropped to `uid` (no exec: the interpreter may be unreadable)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never return into pytest
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(path)
+            s.sendall(b"GET /v1/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+            os.write(write_end, data.split(b"\r\n", 1)[0])
+        except BaseException as exc:
+            os.write(write_end, f"error: {exc}".encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as fh:
+        line = fh.read().decode()
+    os.waitpid(pid, 0)
+    return line
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another user")
+def test_other_users_get_403_even_through_an_open_socket(daemon: Daemon) -> None:
+    # Open every door on purpose: SO_PEERCRED must still refuse.
+    os.chmod(os.path.dirname(daemon.socket), 0o755)
+    os.chmod(os.path.dirname(os.path.dirname(daemon.socket)), 0o755)
+    assert _status_line_as(65534, daemon.socket).startswith("error: [Errno 13]")  # the socket itself is 0660
+    os.chmod(daemon.socket, 0o666)
+    assert _status_line_as(65534, daemon.socket) == "HTTP/1.1 403 Forbidden"
