@@ -28,7 +28,7 @@ def run(*cmd: str | Path) -> int:
 
 
 def setup() -> None:
-    if sys.version_info < (3, 10):
+    if sys.version_info < (3, 10):  # noqa: UP036 - this file is what runs on an older python3
         sys.exit(f"gpud needs Python 3.10 or newer; this is {sys.version.split()[0]}.")
     if not PY.exists():
         print(f"creating {VENV} …", flush=True)

@@ -279,7 +279,9 @@ async def serve_unix(app: web.Application, path: str, group: str | None) -> web.
             raise GpudError(f"Another gpud daemon is already listening on {sock_path}.")
         finally:
             probe.close()
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    # handler_cancellation: a client that leaves an event or log stream ends its handler; without it the
+    # handler waits forever for events that never come, and holds up the daemon's shutdown.
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, handler_cancellation=True)
     await runner.setup()
     old_umask = os.umask(0o117)  # the socket is born 0660: no window where others could connect
     try:

@@ -196,12 +196,12 @@ def failure_sentence(show: Mapping[str, Any]) -> str | None:
 def _replica_detail(replica: Mapping[str, Any]) -> str:
     state = replica.get("state")
     parts: list[str] = []
-    if state in ("failed", "backoff", "unhealthy") and (replica.get("message") or replica.get("last_exit")):
-        parts.append(replica_failure(replica))
     if replica.get("gpus"):
         parts.append(_gpu_phrase(replica["gpus"]))
     if replica.get("port") and state in ("starting", "ready"):
         parts.append(f"port {replica['port']}")
+    if state in ("failed", "backoff", "unhealthy") and (replica.get("message") or replica.get("last_exit")):
+        parts.append(replica_failure(replica))
     return f" ({', '.join(parts)})" if parts else ""
 
 

@@ -107,6 +107,10 @@ class Daemon:
     def wait_idle(self, name: str, timeout: float = 30) -> dict[str, Any]:
         return wait_until(lambda: (m := self.show(name)) and not m["busy"] and m, timeout, f"{name} to settle")
 
+    def wait_removed(self, name: str, timeout: float = 30) -> None:
+        wait_until(lambda: name not in {m["name"] for m in self.client.request("GET", "/v1/models")["models"]},
+                   timeout, f"{name} to be removed")
+
     def replica_pids(self) -> list[int]:
         return procs.find_orphans(INSTANCE_ENV, self.instance)
 
@@ -120,6 +124,9 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+                self.log.close()
+                self.proc = None
+                raise AssertionError(f"the daemon did not exit within {timeout} s of signal {sig}") from None
         self.log.close()
         code = self.proc.returncode
         self.proc = None

@@ -115,3 +115,16 @@ def test_other_users_get_403_even_through_an_open_socket(daemon: Daemon) -> None
     assert _status_line_as(65534, daemon.socket).startswith("error: [Errno 13]")  # the socket itself is 0660
     os.chmod(daemon.socket, 0o666)
     assert _status_line_as(65534, daemon.socket) == "HTTP/1.1 403 Forbidden"
+
+
+def test_a_left_event_stream_does_not_hold_up_shutdown(daemon: Daemon) -> None:
+    # What `gpud model stop` does: follow the model's events until it is removed, then hang up. The
+    # daemon's handler then waits for events that never come; it must still not hold up the shutdown.
+    daemon.start_model({"model": "e", "engine": "sim", "vram": "1GiB"})
+    lines = daemon.client.stream_lines("/v1/events", {"model": "e"}, timeout=30)
+    assert json.loads(next(lines))["type"] == "model"
+    daemon.client.request("DELETE", model_path("e"))
+    while json.loads(next(lines))["type"] != "removed":
+        pass
+    lines.close()
+    assert daemon.stop(timeout=15) == 0

@@ -306,7 +306,7 @@ def test_replica_changes() -> None:
         "replica 2: removed",
     ]
     backoff = {"index": 0, "state": "backoff", "gpus": [1], "last_exit": {"code": 1, "signal": None}}
-    assert render.replica_change(after["replicas"][0], backoff) == "replica 0: ready → backoff (exited with code 1, GPU 1)"
+    assert render.replica_change(after["replicas"][0], backoff) == "replica 0: ready → backoff (GPU 1, exited with code 1)"
     assert render.replica_change(backoff, backoff) is None
 
 
