@@ -177,3 +177,14 @@ def make_daemon(short_tmp: Path) -> Iterator[Callable[..., Daemon]]:
 @pytest.fixture
 def daemon(make_daemon: Callable[..., Daemon]) -> Daemon:
     return make_daemon().start()
+
+
+@pytest.fixture(scope="module")
+def fuzz_daemon() -> Iterator[Daemon]:
+    """One daemon shared by a module's property-test examples (starting one per example would be slow)."""
+    root = Path(tempfile.mkdtemp(prefix="gpud-f-", dir="/tmp"))
+    daemon = Daemon(root).start()
+    yield daemon
+    daemon.stop()
+    wait_until(lambda: not daemon.replica_pids(), 10, "replica processes to go")
+    shutil.rmtree(root, ignore_errors=True)
