@@ -16,11 +16,6 @@ from gpud.errors import InvalidInput
 from gpud.spec import validate_env, validate_model_name
 from gpud.units import parse_size
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib
-
 RESTART_POLICIES = ("on-failure", "always", "no")
 
 
@@ -127,6 +122,11 @@ def parse_bool(value: str, *, what: str) -> bool:
 
 def read_config_file(path: Path) -> dict[str, Any]:
     """Parse and type-check the TOML file; errors name the key and the file."""
+    # Imported here: the CLI imports this module for default paths and should not pay for a TOML parser.
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - exercised on 3.10 only
+        import tomli as tomllib
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)

@@ -190,7 +190,6 @@ class ReplicaRunner:
         )
         self.run = _Run(proc)
         replica.shim_pid = proc.pid
-        replica.last_exit = replica.last_exit  # kept until the new life ends
         self.sup.registry.set_state(replica, ReplicaState.STARTING)
         asyncio.get_running_loop().create_task(self._read_events(self.run))
 
@@ -301,7 +300,7 @@ class ReplicaRunner:
         for pid in leftovers:
             _signal(pid, signal.SIGKILL)
         await self.sup.wait_gpu_free(run.tree, self.replica.gpus)
-        self.sup.forget_pids(run.tree)
+        run.tree.clear()  # no longer ours: the ledger must not subtract them from "used by others"
         self.replica.pid = None
 
 
@@ -347,9 +346,6 @@ class Supervisor:
             if runner.run is not None:
                 pids |= runner.run.tree
         return pids
-
-    def forget_pids(self, pids: set[int]) -> None:
-        pids.clear()
 
     def taken_ports(self) -> set[int]:
         return {r.port for m in self.registry for r in m.replicas.values() if r.port}

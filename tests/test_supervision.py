@@ -67,3 +67,33 @@ def test_replicas_sharing_a_gpu_start_one_at_a_time(daemon: Daemon) -> None:
     wait_until(observe, 30, "all replicas ready")
     assert shown["replicas"][0]["gpus"] == [0]
     assert seen_starting  # the observation did see starts
+
+
+def test_rolling_restart_keeps_the_model_serving(daemon: Daemon) -> None:
+    shown = daemon.start_model({"model": "m", "engine": "sim", "vram": "1GiB", "replicas": 2,
+                                "args": ["--startup-s", "0.3"]})
+    old = {r["index"]: r["pid"] for r in shown["replicas"]}
+    daemon.client.request("POST", model_path("m", "restart"), {"rolling": True})
+    lowest_ready = 2
+
+    def done() -> bool:
+        nonlocal lowest_ready
+        now = daemon.show("m")
+        lowest_ready = min(lowest_ready, now["replicas_ready"])
+        return not now["busy"]
+
+    wait_until(done, 30, "the rolling restart to finish")
+    after = daemon.show("m")
+    assert after["replicas_ready"] == 2
+    assert all(r["pid"] != old[r["index"]] for r in after["replicas"])
+    assert all(r["restarts"] == 0 for r in after["replicas"])  # a requested restart is not a failure
+    assert lowest_ready >= 1  # one replica at a time
+
+
+def test_plain_restart_replaces_every_process(daemon: Daemon) -> None:
+    out = daemon.cli("model", "start", "m", "--engine", "sim", "--vram", "1GiB", "--replicas", "2", "-o", "json")
+    old = {r["pid"] for r in json.loads(out.stdout)["replicas"]}
+    out = daemon.cli("model", "restart", "m", "-o", "json")
+    assert out.returncode == 0, out.stderr
+    shown = daemon.show("m")
+    assert shown["replicas_ready"] == 2 and not old & {r["pid"] for r in shown["replicas"]}
