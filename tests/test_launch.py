@@ -9,11 +9,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
+from conftest import wait_until
 
 from gpud.logs import tail
 from gpud.procs import alive
@@ -92,14 +93,6 @@ with open(os.path.join(pids, "spawned-line"), "wb") as f:
 while True:
     time.sleep(60)
 '''
-
-
-def wait_until(cond: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 class Replica:
