@@ -47,7 +47,7 @@ class Series:
         self.ttfb = metrics.ttfb.labels(model, replica)
 
     def request(self, status: int, seconds: float | None = None) -> None:
-        """One finished request with its HTTP status; `seconds` from arrival to last byte, when it got that far."""
+        """One finished request: its HTTP status, and `seconds` from arrival to last byte if known."""
         child = self._requests.get(status)
         if child is None:
             child = self._requests[status] = self._metrics.requests.labels(*self._labels, str(status))
@@ -81,23 +81,32 @@ class Metrics:
         self.collector_registry = CollectorRegistry(auto_describe=True)
         labels = ("model", "replica")
         self.requests = Counter(
-            "gpud_proxy_requests", "Requests answered by the proxy, by model, replica and HTTP status.",
-            (*labels, "code"), registry=self.collector_registry,
+            "gpud_proxy_requests",
+            "Requests answered by the proxy, by model, replica and HTTP status.",
+            (*labels, "code"),
+            registry=self.collector_registry,
         )
         self.errors = Counter(
             "gpud_proxy_errors",
             "Proxy errors by kind: bad_request, too_large, unauthorized, model_not_found, no_ready_replica, "
             "connect (one per failed upstream attempt), upstream (broken after the response started), "
             "timeout, client_disconnect.",
-            (*labels, "kind"), registry=self.collector_registry,
+            (*labels, "kind"),
+            registry=self.collector_registry,
         )
         self.duration = Histogram(
-            "gpud_proxy_request_duration_seconds", "Time from request arrival to the last response byte.",
-            labels, buckets=LATENCY_BUCKETS, registry=self.collector_registry,
+            "gpud_proxy_request_duration_seconds",
+            "Time from request arrival to the last response byte.",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=self.collector_registry,
         )
         self.ttfb = Histogram(
-            "gpud_proxy_ttfb_seconds", "Streaming responses: time from request arrival to the first body chunk.",
-            labels, buckets=TTFB_BUCKETS, registry=self.collector_registry,
+            "gpud_proxy_ttfb_seconds",
+            "Streaming responses: time from request arrival to the first body chunk.",
+            labels,
+            buckets=TTFB_BUCKETS,
+            registry=self.collector_registry,
         )
         self._series: dict[tuple[str, str], Series] = {}
         self.collector_registry.register(_StateCollector(self))
@@ -135,12 +144,15 @@ class _StateCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         labels = ["model", "replica"]
-        inflight = GaugeMetricFamily("gpud_proxy_inflight_requests", "Requests in flight to each replica.",
-                                     labels=labels)
-        ready = GaugeMetricFamily("gpud_replica_ready", "1 when the replica is ready (in the balancer), else 0.",
-                                  labels=labels)
-        restarts = CounterMetricFamily("gpud_replica_restarts", "Restarts of each replica since its model started.",
-                                       labels=labels)
+        inflight = GaugeMetricFamily(
+            "gpud_proxy_inflight_requests", "Requests in flight to each replica.", labels=labels
+        )
+        ready = GaugeMetricFamily(
+            "gpud_replica_ready", "1 when the replica is ready (in the balancer), else 0.", labels=labels
+        )
+        restarts = CounterMetricFamily(
+            "gpud_replica_restarts", "Restarts of each replica since its model started.", labels=labels
+        )
         for model in self._metrics.registry:
             for replica in list(model.replicas.values()):
                 values = [model.name, str(replica.index)]
@@ -163,8 +175,11 @@ class _StateCollector(Collector):
             return
         gpus = data.get("gpus", []) if isinstance(data, dict) else data
         families = {
-            name: GaugeMetricFamily(f"gpud_gpu_{name}", f"GPU memory: {name.removesuffix('_bytes')} "
-                                    "(bytes), from the ledger.", labels=["gpu"])
+            name: GaugeMetricFamily(
+                f"gpud_gpu_{name}",
+                f"GPU memory: {name.removesuffix('_bytes')} (bytes), from the ledger.",
+                labels=["gpu"],
+            )
             for name in _LEDGER_FIELDS
         }
         for gpu in gpus:

@@ -17,8 +17,15 @@ READY = ReplicaState.READY
 def make_model(states: list[ReplicaState], inflight: list[int] | None = None) -> Model:
     model = Model(spec=ModelSpec(name="m", model="m", engine="sim", replicas=len(states)))
     for i, state in enumerate(states):
-        model.replicas[i] = Replica(model="m", index=i, gpus=(), vram_by_gpu=(), port=1000 + i, state=state,
-                                    inflight=(inflight or [0] * len(states))[i])
+        model.replicas[i] = Replica(
+            model="m",
+            index=i,
+            gpus=(),
+            vram_by_gpu=(),
+            port=1000 + i,
+            state=state,
+            inflight=(inflight or [0] * len(states))[i],
+        )
     return model
 
 
@@ -44,8 +51,17 @@ def test_least_inflight_wins_over_rotation() -> None:
 
 
 def test_only_ready_replicas_get_requests() -> None:
-    states = [ReplicaState.STARTING, READY, ReplicaState.UNHEALTHY, ReplicaState.STOPPING, READY,
-              ReplicaState.PENDING, ReplicaState.BACKOFF, ReplicaState.FAILED, ReplicaState.STOPPED]
+    states = [
+        ReplicaState.STARTING,
+        READY,
+        ReplicaState.UNHEALTHY,
+        ReplicaState.STOPPING,
+        READY,
+        ReplicaState.PENDING,
+        ReplicaState.BACKOFF,
+        ReplicaState.FAILED,
+        ReplicaState.STOPPED,
+    ]
     model = make_model(states)
     assert Counter(picks(model, 10)) == {1: 5, 4: 5}
 

@@ -1,4 +1,4 @@
-"""gpud.metrics: proxy series, state read from the registry and the ledger at scrape time, private registry."""
+"""gpud.metrics: proxy series; registry and ledger state read at scrape time; private registry."""
 
 from __future__ import annotations
 
@@ -22,20 +22,45 @@ class FakeLedger:
     def to_json(self) -> dict[str, Any]:
         if self.broken:
             raise RuntimeError("driver went away")
-        return {"gpus": [
-            {"index": 0, "total_bytes": 80 * GiB, "used_by_others_bytes": GiB, "reserved_bytes": 20 * GiB,
-             "available_bytes": 58 * GiB, "name": "sim", "replicas": []},
-            {"index": 1, "total_bytes": 40 * GiB, "used_by_others_bytes": 0, "reserved_bytes": 0,
-             "available_bytes": 39 * GiB, "name": "sim", "replicas": []},
-        ]}
+        return {
+            "gpus": [
+                {
+                    "index": 0,
+                    "total_bytes": 80 * GiB,
+                    "used_by_others_bytes": GiB,
+                    "reserved_bytes": 20 * GiB,
+                    "available_bytes": 58 * GiB,
+                    "name": "sim",
+                    "replicas": [],
+                },
+                {
+                    "index": 1,
+                    "total_bytes": 40 * GiB,
+                    "used_by_others_bytes": 0,
+                    "reserved_bytes": 0,
+                    "available_bytes": 39 * GiB,
+                    "name": "sim",
+                    "replicas": [],
+                },
+            ]
+        }
 
 
 def make_registry() -> Registry:
     registry = Registry()
     model = Model(spec=ModelSpec(name="org/m", model="org/m", engine="sim", replicas=2))
-    model.replicas[0] = Replica(model="org/m", index=0, gpus=(0,), vram_by_gpu=(GiB,), state=ReplicaState.READY,
-                                restarts=3, inflight=2)
-    model.replicas[1] = Replica(model="org/m", index=1, gpus=(1,), vram_by_gpu=(GiB,), state=ReplicaState.STARTING)
+    model.replicas[0] = Replica(
+        model="org/m",
+        index=0,
+        gpus=(0,),
+        vram_by_gpu=(GiB,),
+        state=ReplicaState.READY,
+        restarts=3,
+        inflight=2,
+    )
+    model.replicas[1] = Replica(
+        model="org/m", index=1, gpus=(1,), vram_by_gpu=(GiB,), state=ReplicaState.STARTING
+    )
     registry.models[model.name] = model
     return registry
 
@@ -93,7 +118,9 @@ def test_request_series_count_status_errors_latency_and_ttfb() -> None:
     assert s[key("gpud_proxy_errors_total", model="org/m", replica="0", kind="connect")] == 1
     assert s[key("gpud_proxy_errors_total", model="", replica="", kind="model_not_found")] == 1
     assert s[key("gpud_proxy_request_duration_seconds_count", model="org/m", replica="0")] == 2
-    assert s[key("gpud_proxy_request_duration_seconds_sum", model="org/m", replica="0")] == pytest.approx(0.05)
+    assert s[key("gpud_proxy_request_duration_seconds_sum", model="org/m", replica="0")] == pytest.approx(
+        0.05
+    )
     assert s[key("gpud_proxy_request_duration_seconds_bucket", model="org/m", replica="0", le="0.025")] == 1
     assert s[key("gpud_proxy_ttfb_seconds_count", model="org/m", replica="0")] == 1
     assert s[key("gpud_proxy_ttfb_seconds_bucket", model="org/m", replica="0", le="0.005")] == 1
@@ -127,4 +154,7 @@ def test_each_metrics_object_has_its_own_registry() -> None:
     a, b = Metrics(Registry()), Metrics(Registry())  # would raise "Duplicated timeseries" if shared
     a.series("x", 0).request(200, 0.1)
     assert b"gpud_proxy_requests_total{" not in b.render()[0]
-    assert REGISTRY.get_sample_value("gpud_proxy_requests_total", {"model": "x", "replica": "0", "code": "200"}) is None
+    assert (
+        REGISTRY.get_sample_value("gpud_proxy_requests_total", {"model": "x", "replica": "0", "code": "200"})
+        is None
+    )

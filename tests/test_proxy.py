@@ -1,4 +1,4 @@
-"""gpud.proxy against real sim replicas (subprocesses) and a small in-process echo upstream, over real sockets."""
+"""gpud.proxy against real sim replicas (subprocesses) and an in-process echo upstream, over real sockets."""
 
 from __future__ import annotations
 
@@ -35,13 +35,27 @@ COMPLETION = {"model": "m", "prompt": "hi", "max_tokens": 1}
 
 # -- fixtures: sim replicas as real processes ----------------------------------------------------------------
 
+
 class Sim:
     """One `python -m gpud.simserver` on a port the kernel picked."""
 
     def __init__(self, *args: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gpud.simserver", "--host", "127.0.0.1", "--port", "0", "--startup-s", "0", *args],
-            cwd=ROOT, stdout=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                "-m",
+                "gpud.simserver",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--startup-s",
+                "0",
+                *args,
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()  # printed once listening (and /health is 200 with --startup-s 0)
@@ -118,7 +132,9 @@ def run(coro: Awaitable[Any]) -> Any:
     return asyncio.run(asyncio.wait_for(coro, 45))  # type: ignore[arg-type]
 
 
-async def wait_for(condition: Callable[[], Awaitable[bool]] | Callable[[], bool], what: str, timeout: float = 10) -> None:
+async def wait_for(
+    condition: Callable[[], Awaitable[bool]] | Callable[[], bool], what: str, timeout: float = 10
+) -> None:
     deadline = time.monotonic() + timeout
     while True:
         result = condition()
@@ -135,14 +151,17 @@ async def running_on(port: int) -> float:
     """`vllm:num_requests_running` of the sim on `port`."""
     async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/metrics") as r:
         text = await r.text()
-    return float(re.search(r"^vllm:num_requests_running\{[^}]*\} (\S+)$", text, re.M).group(1))  # type: ignore[union-attr]
+    match = re.search(r"^vllm:num_requests_running\{[^}]*\} (\S+)$", text, re.M)
+    assert match, text
+    return float(match.group(1))
 
 
 async def running_is(port: int, n: int) -> bool:
     return await running_on(port) == n
 
 
-# -- an echo upstream for exact header/body checks ------------------------------------------------------------
+# -- an echo upstream for exact header/body checks --------------------------------------------------------
+
 
 @contextlib.asynccontextmanager
 async def echo_upstream() -> AsyncIterator[tuple[int, asyncio.Event]]:
@@ -151,14 +170,22 @@ async def echo_upstream() -> AsyncIterator[tuple[int, asyncio.Event]]:
     async def echo(request: web.Request) -> web.Response:
         body = await request.read()
         return web.json_response(
-            {"method": request.method, "path": request.raw_path, "headers": list(request.headers.items()),
-             "sha256": hashlib.sha256(body).hexdigest(), "length": len(body)},
+            {
+                "method": request.method,
+                "path": request.raw_path,
+                "headers": list(request.headers.items()),
+                "sha256": hashlib.sha256(body).hexdigest(),
+                "length": len(body),
+            },
             headers={"X-Upstream": "yes", "Keep-Alive": "timeout=5", "Set-Cookie": "a=1"},
         )
 
     async def gzipped(request: web.Request) -> web.Response:
-        return web.Response(body=gzip.compress(b"hello " * 1000), headers={"Content-Encoding": "gzip"},
-                            content_type="text/plain")
+        return web.Response(
+            body=gzip.compress(b"hello " * 1000),
+            headers={"Content-Encoding": "gzip"},
+            content_type="text/plain",
+        )
 
     async def gated(request: web.Request) -> web.StreamResponse:
         # The second chunk is only sent once the test has seen the first one through the proxy: a proxy that
@@ -187,6 +214,7 @@ async def echo_upstream() -> AsyncIterator[tuple[int, asyncio.Event]]:
 
 # -- balancing ----------------------------------------------------------------------------------------------
 
+
 def test_sequential_requests_spread_3_3_3_and_say_which_replica_answered(ports: list[int]) -> None:
     async def main() -> None:
         pids = {}
@@ -202,7 +230,9 @@ def test_sequential_requests_spread_3_3_3_and_say_which_replica_answered(ports: 
                     body = await r.json()
                     assert body["choices"][0]["text"]
                     replica = int(r.headers["X-Gpud-Replica"])
-                    assert pids[r.headers["X-Sim-Pid"]] == replica  # the header names the replica that answered
+                    assert (
+                        pids[r.headers["X-Sim-Pid"]] == replica
+                    )  # the header names the replica that answered
                     seen.append(replica)
         assert seen == [0, 1, 2] * 3
 
@@ -213,7 +243,9 @@ def test_a_long_stream_on_one_replica_sends_new_requests_to_the_others(ports: li
     async def main() -> None:
         registry = make_registry({"m": ports})
         async with serving(registry) as (_, client):
-            stream = await client.post("/v1/completions", json={**COMPLETION, "max_tokens": 5000, "stream": True})
+            stream = await client.post(
+                "/v1/completions", json={**COMPLETION, "max_tokens": 5000, "stream": True}
+            )
             assert stream.headers["X-Gpud-Replica"] == "0"
             await stream.content.readany()
             assert registry.models["m"].replicas[0].inflight == 1
@@ -244,10 +276,13 @@ def test_only_ready_replicas_get_traffic(ports: list[int]) -> None:
 
 # -- routing and passthrough -------------------------------------------------------------------------------
 
+
 def test_header_routes_without_parsing_the_body_else_the_body_model_routes() -> None:
     async def main() -> None:
-        async with echo_upstream() as (echo_port, _), \
-                serving(make_registry({"echo": [echo_port], "other": [echo_port]})) as (_, client):
+        async with (
+            echo_upstream() as (echo_port, _),
+            serving(make_registry({"echo": [echo_port], "other": [echo_port]})) as (_, client),
+        ):
             # Header wins, and the body is not even JSON: it is not parsed.
             async with client.post("/v1/x", data=b"\x00not json", headers={"X-Gpud-Model": "echo"}) as r:
                 assert r.status == 200
@@ -267,15 +302,30 @@ def test_header_routes_without_parsing_the_body_else_the_body_model_routes() -> 
 def test_path_query_body_and_end_to_end_headers_pass_unchanged_hop_by_hop_do_not() -> None:
     async def main() -> None:
         body = os.urandom(300_000)  # over the proxy's whole-response buffer size, binary
-        async with echo_upstream() as (echo_port, _), serving(make_registry({"echo": [echo_port]})) as (_, client):
+        async with (
+            echo_upstream() as (echo_port, _),
+            serving(make_registry({"echo": [echo_port]})) as (_, client),
+        ):
             headers = {
-                "X-Gpud-Model": "echo", "Authorization": "Bearer upstream-token", "X-Custom": "a, b",
-                "Content-Type": "application/octet-stream", "Connection": "keep-alive, X-Drop-Me",
-                "X-Drop-Me": "1", "Keep-Alive": "timeout=9", "TE": "trailers", "Proxy-Authorization": "Basic x",
-                "X-Forwarded-For": "10.0.0.1", "X-Forwarded-Proto": "https", "User-Agent": "tester/1",
+                "X-Gpud-Model": "echo",
+                "Authorization": "Bearer upstream-token",
+                "X-Custom": "a, b",
+                "Content-Type": "application/octet-stream",
+                "Connection": "keep-alive, X-Drop-Me",
+                "X-Drop-Me": "1",
+                "Keep-Alive": "timeout=9",
+                "TE": "trailers",
+                "Proxy-Authorization": "Basic x",
+                "X-Forwarded-For": "10.0.0.1",
+                "X-Forwarded-Proto": "https",
+                "User-Agent": "tester/1",
             }
-            async with client.put("/v1/a%2Fb/c?x=1&y=%20z&x=2", data=body, headers=headers,
-                                  skip_auto_headers=("Accept", "Accept-Encoding")) as r:
+            async with client.put(
+                "/v1/a%2Fb/c?x=1&y=%20z&x=2",
+                data=body,
+                headers=headers,
+                skip_auto_headers=("Accept", "Accept-Encoding"),
+            ) as r:
                 assert r.status == 200
                 assert r.headers["X-Gpud-Replica"] == "0"
                 assert r.headers["X-Upstream"] == "yes" and r.headers["Set-Cookie"] == "a=1"
@@ -311,6 +361,7 @@ def test_bad_requests_get_4xx_with_openai_error_bodies(ports: list[int]) -> None
         registry.models["idle"] = make_registry({"idle": ports}, state=ReplicaState.STARTING).models["idle"]
         metrics = Metrics(registry)
         async with serving(registry, max_body_bytes=4096, metrics=metrics) as (_, client):
+
             async def expect(status: int, code: str, **kwargs: Any) -> aiohttp.ClientResponse:
                 async with client.post("/v1/completions", **kwargs) as r:
                     body = await r.json()
@@ -373,9 +424,13 @@ def test_models_list_shows_models_with_a_ready_replica(ports: list[int]) -> None
 
 # -- streaming ---------------------------------------------------------------------------------------------
 
+
 def test_streams_are_forwarded_chunk_by_chunk() -> None:
     async def main() -> None:
-        async with echo_upstream() as (echo_port, gate), serving(make_registry({"echo": [echo_port]})) as (_, client):
+        async with (
+            echo_upstream() as (echo_port, gate),
+            serving(make_registry({"echo": [echo_port]})) as (_, client),
+        ):
             async with client.get("/gated", headers={"X-Gpud-Model": "echo"}) as r:
                 assert r.headers["Content-Type"] == "text/event-stream"
                 assert r.headers["X-Gpud-Replica"] == "0"
@@ -411,7 +466,9 @@ def test_a_client_disconnect_cancels_the_upstream_request(ports: list[int], slow
         registry = make_registry({"m": ports[:1], "slow": [slow_port]})
         async with serving(registry) as (_, client):
             # Mid-stream: the replica stops generating once the client is gone.
-            stream = await client.post("/v1/completions", json={**COMPLETION, "max_tokens": 100_000, "stream": True})
+            stream = await client.post(
+                "/v1/completions", json={**COMPLETION, "max_tokens": 100_000, "stream": True}
+            )
             await stream.content.readany()
             assert await running_on(ports[0]) == 1
             stream.close()
@@ -433,6 +490,7 @@ def test_a_client_disconnect_cancels_the_upstream_request(ports: list[int], slow
 
 # -- failures ----------------------------------------------------------------------------------------------
 
+
 def test_a_killed_replica_costs_no_request_that_had_no_response_bytes() -> None:
     async def main(fleet: list[Sim]) -> None:
         registry = make_registry({"m": [s.port for s in fleet]})
@@ -445,7 +503,9 @@ def test_a_killed_replica_costs_no_request_that_had_no_response_bytes() -> None:
         metrics = Metrics(registry)
         async with serving(registry, on_connect_failure=on_connect_failure, metrics=metrics) as (_, client):
             # A stream that has sent bytes from replica 0 is cut, not retried.
-            stream = await client.post("/v1/completions", json={**COMPLETION, "max_tokens": 100_000, "stream": True})
+            stream = await client.post(
+                "/v1/completions", json={**COMPLETION, "max_tokens": 100_000, "stream": True}
+            )
             assert stream.headers["X-Gpud-Replica"] == "0"
             await stream.content.readany()
 
@@ -466,8 +526,10 @@ def test_a_killed_replica_costs_no_request_that_had_no_response_bytes() -> None:
             workers = [asyncio.ensure_future(worker()) for _ in range(12)]
             try:
                 replica0 = registry.models["m"].replicas[0]
-                await wait_for(lambda: sum(statuses.values()) >= 30 and replica0.inflight >= 3,
-                               "requests in flight on replica 0")
+                await wait_for(
+                    lambda: sum(statuses.values()) >= 30 and replica0.inflight >= 3,
+                    "requests in flight on replica 0",
+                )
                 fleet[0].kill()
                 killed.set()
                 with pytest.raises(aiohttp.ClientPayloadError):
@@ -484,7 +546,9 @@ def test_a_killed_replica_costs_no_request_that_had_no_response_bytes() -> None:
         assert replica0.state is ReplicaState.UNHEALTHY and replica0.inflight == 0
         assert set(replicas_after[-40:]) <= {1, 2}
         text = metrics.render()[0].decode()
-        retried = re.search(r'^gpud_proxy_errors_total\{kind="connect",model="m",replica="0"\} (\S+)$', text, re.M)
+        retried = re.search(
+            r'^gpud_proxy_errors_total\{kind="connect",model="m",replica="0"\} (\S+)$', text, re.M
+        )
         assert retried and float(retried.group(1)) >= 1  # in flight at the kill, then answered elsewhere
         assert 'gpud_proxy_errors_total{kind="upstream",model="m",replica="0"} 1.0' in text  # the cut stream
 
@@ -492,7 +556,9 @@ def test_a_killed_replica_costs_no_request_that_had_no_response_bytes() -> None:
         run(main(fleet))
 
 
-def test_a_replica_silent_past_the_idle_timeout_gives_504_and_is_not_retried(ports: list[int], slow_port: int) -> None:
+def test_a_replica_silent_past_the_idle_timeout_gives_504_and_is_not_retried(
+    ports: list[int], slow_port: int
+) -> None:
     async def main() -> None:
         registry = make_registry({"m": [slow_port, ports[0]]})
         async with serving(registry, idle_timeout_sec=0.3) as (_, client):
@@ -503,8 +569,11 @@ def test_a_replica_silent_past_the_idle_timeout_gives_504_and_is_not_retried(por
             await wait_for(lambda: running_is(slow_port, 0), "the timed-out request to be cancelled")
             # A stream that lasts longer than the idle timeout in total (80 tokens at 5 ms: 0.42 s) completes:
             # the timeout applies to each read, not to the whole stream.
-            async with client.post("/v1/completions", json={**COMPLETION, "max_tokens": 80, "stream": True},
-                                   headers={"X-Gpud-Model": "m"}) as r:
+            async with client.post(
+                "/v1/completions",
+                json={**COMPLETION, "max_tokens": 80, "stream": True},
+                headers={"X-Gpud-Model": "m"},
+            ) as r:
                 assert r.headers["X-Gpud-Replica"] == "1"
                 assert (await r.read()).endswith(b"data: [DONE]\n\n")
 
@@ -528,16 +597,24 @@ def test_all_replicas_unreachable_gives_502(ports: list[int]) -> None:
 
 # -- auth, metrics, lifecycle -------------------------------------------------------------------------------
 
+
 def test_api_keys_guard_every_route_but_health() -> None:
     async def main() -> None:
-        async with echo_upstream() as (echo_port, _), \
-                serving(make_registry({"echo": [echo_port]}), api_keys=["k-one", "k-two"],
-                        metrics=Metrics(Registry())) as (_, client):
+        async with (
+            echo_upstream() as (echo_port, _),
+            serving(
+                make_registry({"echo": [echo_port]}), api_keys=["k-one", "k-two"], metrics=Metrics(Registry())
+            ) as (_, client),
+        ):
             async with client.get("/health") as r:
                 assert r.status == 200
             for auth in (None, "Bearer wrong", "k-one", "Basic k-one", "Bearer k-one-and-more", "Bearer "):
                 headers = {"X-Gpud-Model": "echo"} | ({"Authorization": auth} if auth else {})
-                for method, path in (("GET", "/v1/models"), ("GET", "/metrics"), ("POST", "/v1/chat/completions")):
+                for method, path in (
+                    ("GET", "/v1/models"),
+                    ("GET", "/metrics"),
+                    ("POST", "/v1/chat/completions"),
+                ):
                     async with client.request(method, path, headers=headers) as r:
                         assert r.status == 401, (auth, path)
                         assert r.headers["WWW-Authenticate"] == "Bearer"
@@ -545,7 +622,9 @@ def test_api_keys_guard_every_route_but_health() -> None:
             for key in ("k-one", "k-two"):
                 async with client.get("/v1/models", headers={"Authorization": f"Bearer {key}"}) as r:
                     assert r.status == 200
-            async with client.post("/v1/x", headers={"Authorization": "bearer k-two", "X-Gpud-Model": "echo"}) as r:
+            async with client.post(
+                "/v1/x", headers={"Authorization": "bearer k-two", "X-Gpud-Model": "echo"}
+            ) as r:
                 assert r.status == 200
                 got = {k.lower() for k, _ in (await r.json())["headers"]}
                 assert "authorization" not in got  # gpud's key is not passed to the replica
@@ -556,8 +635,17 @@ def test_api_keys_guard_every_route_but_health() -> None:
 def test_metrics_route_serves_prometheus_text(ports: list[int]) -> None:
     class Ledger:
         def to_json(self) -> dict[str, Any]:
-            return {"gpus": [{"index": 0, "total_bytes": 100, "used_by_others_bytes": 10,
-                              "reserved_bytes": 20, "available_bytes": 70}]}
+            return {
+                "gpus": [
+                    {
+                        "index": 0,
+                        "total_bytes": 100,
+                        "used_by_others_bytes": 10,
+                        "reserved_bytes": 20,
+                        "available_bytes": 70,
+                    }
+                ]
+            }
 
     async def main() -> None:
         registry = make_registry({"m": ports})
