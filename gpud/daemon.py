@@ -29,6 +29,7 @@ from gpud.service import ModelService
 from gpud.spec import ModelSpec
 from gpud.state import StateStore
 from gpud.supervisor import INSTANCE_ENV, Supervisor
+from gpud.venvs import VenvStore
 
 log = logging.getLogger("gpud")
 
@@ -99,10 +100,14 @@ class Daemon:
         supervisor: Supervisor | None = None
         ledger = Ledger(self.backend, headroom_bytes=settings.headroom_bytes,
                         owned_pids=lambda: supervisor.owned_pids() if supervisor else set())
+        venvs = VenvStore(settings.state_dir / "venvs", environ=os.environ, config_env=settings.env)
         supervisor = Supervisor(registry, ledger, settings.supervisor, state_dir=settings.state_dir,
-                                config_env=settings.env, instance=instance)
-        service = ModelService(settings, registry, ledger, supervisor, StateStore(settings.state_dir))
+                                config_env=settings.env, instance=instance,
+                                python_for=venvs.python_for, extra_env_for=venvs.extra_env_for)
+        service = ModelService(settings, registry, ledger, supervisor, StateStore(settings.state_dir),
+                               prepare=venvs.preparer(registry))
         api = ControlAPI(service, registry, started=self.started, socket_group=settings.socket_group)
+        api.venvs = venvs
         metrics = Metrics(registry, ledger)
         proxy = Proxy(registry, api_keys=settings.api_keys, max_body_bytes=settings.max_body_bytes,
                       metrics=metrics, on_connect_failure=supervisor.connect_failed)
