@@ -167,6 +167,15 @@ class ModelService:
         return model
 
     async def _run_restart(self, model: Model, rolling: bool) -> None:
+        if self.prepare is not None and model.spec.venv_packages and model.venv is None:
+            # Its venv build failed before: a restart is the way to try it again.
+            try:
+                await self.prepare(model)
+            except Exception as exc:
+                message = getattr(exc, "message", None) or str(exc)
+                for replica in model.replicas.values():
+                    self.registry.set_state(replica, ReplicaState.FAILED, message)
+                return
         # Failed replicas gave their reservation back: place them again first (all of them, or none).
         failed = [r for r in model.replicas.values() if r.state in (ReplicaState.FAILED, ReplicaState.STOPPED)]
         replaced: dict[int, Replica] = {}

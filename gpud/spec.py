@@ -171,6 +171,11 @@ class ModelSpec:
         if venv is not None and (not isinstance(venv, Mapping) or set(venv) - {"packages"}):
             raise InvalidInput("Invalid venv: expected {\"packages\": [requirement, …]}.")
         packages = _str_list(venv or {}, "packages")
+        if packages:
+            # Refuse a bad requirement now (exit 2 / 422, nothing left behind), not when the build starts.
+            from gpud.venvkey import normalize_requirements
+
+            normalize_requirements(packages)
         command = body.get("command")
         if command is not None and not isinstance(command, str):
             raise InvalidInput("Invalid command: expected a string template.")

@@ -53,6 +53,8 @@ def test_spec_defaults_and_round_trip() -> None:
         ({"model": "m", "unset_env": ["CUDA_DEVICE_ORDER"]}, "managed"),
         ({"model": "m", "venv": {"packages": "six"}}, "packages"),
         ({"model": "m", "venv": {"pkgs": []}}, "venv"),
+        ({"model": "m", "venv": {"packages": ["--index-url=http://evil"]}}, "installer options"),
+        ({"model": "m", "venv": {"packages": ["not a requirement!"]}}, "expected a requirement"),
         ({"model": "m", "args": "--x"}, "args"),
         ({"model": "m", "start_timeout_sec": 0}, "start_timeout_sec"),
         ({"model": "m", "health_path": "health"}, "health_path"),
