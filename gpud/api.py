@@ -154,12 +154,11 @@ class ControlAPI:
 
     async def model_route(self, request: web.Request) -> web.StreamResponse:
         # Names may hold "/" (Hugging Face ids), URL-encoded as %2F: split the raw path, then decode.
-        raw = request.raw_path.split("?", 1)[0]
-        segments = [unquote(s) for s in raw[len("/v1/models/"):].split("/")]
-        action = None
-        if len(segments) > 1 and segments[-1] in ("restart", "logs") and self.registry.get("/".join(segments)) is None:
-            action = segments.pop()
-        name = "/".join(segments)
+        # A raw "/" separates the action; a "/" inside a name arrives as %2F (SPEC §8). A client that did not
+        # encode it still reaches GET/PATCH/DELETE of the model: the raw segments are joined back.
+        raw = request.raw_path.split("?", 1)[0][len("/v1/models/"):].split("/")
+        action = raw.pop() if len(raw) > 1 and raw[-1] in ("restart", "logs") else None
+        name = unquote("/".join(raw))
         method = request.method
         if action is None and method == "GET":
             return web.json_response(self.service.show(self.service.get(name)))
@@ -247,7 +246,8 @@ class ControlAPI:
     async def list_venvs(self, request: web.Request) -> web.Response:
         if self.venvs is None:
             return web.json_response({"venvs": []})
-        return web.json_response({"venvs": self.venvs.list_json(self.registry)})
+        # Reads a few small files per venv (or measures one built a moment ago): off the event loop.
+        return web.json_response({"venvs": await asyncio.to_thread(self.venvs.list_json, self.registry)})
 
     async def prune_venvs(self, request: web.Request) -> web.Response:
         if self.venvs is None:

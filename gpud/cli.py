@@ -493,7 +493,8 @@ def _run_daemon(argv: list[str], at: int) -> int:
 
 def _sentence(text: str) -> str:
     text = text.strip()
-    text = text[:1].upper() + text[1:]
+    if not text.startswith("gpud"):  # the program's name stays lower case
+        text = text[:1].upper() + text[1:]
     return text if text.endswith((".", "!", "?")) else text + "."
 
 

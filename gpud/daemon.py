@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
 import hashlib
 import logging
 import os
@@ -93,6 +94,7 @@ class Daemon:
 
         settings = self.settings
         settings.state_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_state_dir()  # before anything that touches replicas: another daemon may own them
         instance = instance_id(settings.state_dir)
         await self._kill_previous_life(instance)
 
@@ -152,10 +154,17 @@ class Daemon:
                 log.error("[models.%s] in %s: %s", name, self.settings.config_path, exc.message)
         declared_names = {s.name for s in declared}
         for spec in declared + [s for s in specs if s.name not in declared_names]:
+            is_declared = spec.name in declared_names
             try:
-                await service.start_model(spec, declared=spec.name in declared_names)
+                await service.start_model(spec, declared=is_declared, restoring=not is_declared)
             except GpudError as exc:
-                log.error("cannot start model %s: %s", spec.name, exc.message)
+                log.error("cannot start model %s: %s (it stays saved; `gpud model stop %s` forgets it)",
+                          spec.name, exc.message, spec.name)
+                if not is_declared:
+                    service.unrestored[spec.name] = spec
+        # Persisted specs the config now declares are no longer saved state: write that down once.
+        if declared_names & {s.name for s in specs}:
+            service.save_now()
 
     async def _housekeeping(self, registry: Registry, ledger: Ledger) -> None:
         """Watchdog pings from the event loop itself (a stuck loop stops them), STATUS=, ledger refresh."""
@@ -171,6 +180,17 @@ class Daemon:
             if lines:
                 self.notifier.notify(*lines)
             await asyncio.sleep(interval)
+
+    def _lock_state_dir(self) -> None:
+        """One daemon per state dir: a second one must not stop the first one's replicas as "orphans"."""
+        path = self.settings.state_dir / "daemon.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise GpudError(f"Another gpud daemon is already using the state dir {self.settings.state_dir}.") from None
+        self._lock_fd = fd  # held (and released by the kernel) for the life of this process
 
     async def _kill_previous_life(self, instance: str) -> None:
         """Replicas of an earlier daemon on this state dir that survived it (they should not): stop them

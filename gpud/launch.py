@@ -209,7 +209,10 @@ class Shim:
     def _timeout(self) -> float:
         if not self.stopping:
             return PARENT_POLL_S
-        return max(0.0, min(STOP_TICK_S, self.deadline - time.monotonic()))
+        left = self.deadline - time.monotonic()
+        # Past the deadline everything has had its SIGKILL: poll at the tick, never spin (a process in D state
+        # during CUDA teardown may take seconds to go).
+        return STOP_TICK_S if left <= 0 else min(STOP_TICK_S, left)
 
     def _drain_wakeup(self) -> None:
         try:

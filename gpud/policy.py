@@ -43,6 +43,3 @@ class StartLimit:
         while self._failures and self._failures[0] <= now - self.interval:
             self._failures.popleft()
         return len(self._failures) > self.burst
-
-    def reset(self) -> None:
-        self._failures.clear()

@@ -84,6 +84,17 @@ def _tree(root_pid: int) -> list[psutil.Process]:
         return []
 
 
+def tree(root_pid: int) -> list[psutil.Process]:
+    """root_pid and its descendants as psutil handles: signalling a handle later checks that the pid was not
+    reused by an unrelated process meanwhile (psutil compares creation times)."""
+    return _tree(root_pid)
+
+
+def signal_processes(processes: Iterable[psutil.Process], sig: int) -> None:
+    """Signal each process that is still the one we saw; vanished or reused pids are skipped."""
+    _signal(processes, sig)
+
+
 def tree_pids(root_pid: int) -> list[int]:
     """root_pid and all its descendants (root first); empty if root_pid is gone."""
     return [p.pid for p in _tree(root_pid)]

@@ -36,7 +36,6 @@ class Replica:
     port: int = 0
     state: ReplicaState = ReplicaState.PENDING
     pid: int | None = None          # the engine process (holds the merged env)
-    shim_pid: int | None = None     # gpud.launch parent shim that owns the process tree
     restarts: int = 0
     inflight: int = 0
     last_exit: dict[str, Any] | None = None
@@ -71,6 +70,7 @@ class Model:
     created_at: float = field(default_factory=time.time)
     rotation: int = 0                       # balancer tie-break cursor
     operation: str | None = None            # "start" | "scale" | "restart" | "stop" while one is in progress
+    task: asyncio.Task[None] | None = field(default=None, repr=False)  # the operation's task
 
     @property
     def name(self) -> str:
@@ -86,7 +86,7 @@ class Model:
         ready = states.count(ReplicaState.READY)
         if states and ready == len(states) == self.spec.replicas:
             return "running"
-        if states and all(s is ReplicaState.FAILED for s in states):
+        if ready == 0 and ReplicaState.FAILED in states:  # SPEC §7: failed when none is ready
             return "failed"
         troubled = {ReplicaState.FAILED, ReplicaState.BACKOFF, ReplicaState.UNHEALTHY, ReplicaState.STOPPED}
         if any(s in troubled for s in states) or any(r.restarts for r in self.replicas.values()):
@@ -99,9 +99,6 @@ class Model:
         states = [r.state for r in self.replicas.values()]
         return all(s is ReplicaState.READY for s in states) or any(s in final for s in states)
 
-    def failures(self) -> list[Replica]:
-        """Replicas that ended for good while the model was meant to run."""
-        return [r for r in self.replicas.values() if r.state in (ReplicaState.FAILED, ReplicaState.STOPPED)]
 
     def to_json(self, endpoint: str) -> dict[str, Any]:
         spec = self.spec

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from gpud.config import Settings
-from gpud.errors import Conflict, DoesNotFit, InvalidInput, NotFound
+from gpud.errors import Conflict, DoesNotFit, GpudError, InvalidInput, NotFound, Unavailable
 from gpud.ledger import Ledger, Reservation
 from gpud.placement import PlacementRequest, ReplicaPlacement, place, plan_json, validate_request
 from gpud.registry import Model, Registry, Replica, ReplicaState
@@ -54,6 +54,10 @@ class ModelService:
         # Work done before a model's replicas first start (building its venv); raises GpudError to fail it.
         self.prepare = prepare
         self.declared: set[str] = set()  # models from [models.NAME] tables: not persisted
+        # Saved models that could not be started at boot (e.g. they no longer fit): kept in the state file
+        # until `model stop NAME`, and tried again at the next boot (SPEC §3: only `model stop` removes state).
+        self.unrestored: dict[str, ModelSpec] = {}
+        self.closing = False
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -94,24 +98,25 @@ class ModelService:
         ])
 
     # ---- operations ---------------------------------------------------------------------------------
-    async def start_model(self, spec: ModelSpec, *, declared: bool = False) -> Model:
+    async def start_model(self, spec: ModelSpec, *, declared: bool = False, restoring: bool = False) -> Model:
+        self._check_open()
         if spec.name in self.registry.models:
             raise Conflict(f"A model named {spec.name!r} is already running; stop it first or pick another --name.")
         placements = self._place(spec, spec.replicas, 0)
         self._reserve(spec, placements)  # all or nothing; nothing else has changed yet
+        if not (declared or restoring):
+            try:
+                self._save({spec.name: spec})
+            except GpudError:
+                self.ledger.release_model(spec.name)
+                raise
+        self.unrestored.pop(spec.name, None)
         model = Model(spec)
         for p in placements:
             model.replicas[p.index] = Replica(spec.name, p.index, p.gpus, p.vram_by_gpu)
         self.registry.models[spec.name] = model
         if declared:
             self.declared.add(spec.name)
-        else:
-            try:
-                self._persist()
-            except OSError as exc:
-                del self.registry.models[spec.name]
-                self.ledger.release_model(spec.name)
-                raise InvalidInput(f"Cannot save the state under {self.store.path.parent}: {exc.strerror}.") from None
         self._begin(model, "start", self._run_start(model))
         return model
 
@@ -136,6 +141,7 @@ class ModelService:
             raise InvalidInput("Invalid replicas: expected a whole number from 1 to 1024.")
         self._check_idle(model)
         current = sorted(model.replicas)
+        spec = dataclasses.replace(model.spec, replicas=replicas)
         if replicas > len(current):
             first = (current[-1] + 1) if current else 0
             placements = self._place(model.spec, replicas - len(current), first)
@@ -144,8 +150,14 @@ class ModelService:
             removed: list[int] = []
         else:
             new, removed = [], current[replicas:]
-        model.spec = dataclasses.replace(model.spec, replicas=replicas)
-        self._persist()
+        if name not in self.declared:
+            try:
+                self._save({name: spec})
+            except GpudError:
+                for replica in new:
+                    self.ledger.release(name, replica.index)
+                raise
+        model.spec = spec
         self._begin(model, "scale", self._run_scale(model, new, removed))
         return model
 
@@ -162,6 +174,7 @@ class ModelService:
 
     async def restart(self, name: str, rolling: bool = False) -> Model:
         model = self.get(name)
+        self._check_open()
         self._check_idle(model)
         self._begin(model, "restart", self._run_restart(model, rolling))
         return model
@@ -200,32 +213,51 @@ class ModelService:
             self.supervisor.launch(model, replica)
         if rolling:
             for replica in others:
-                await self._restart_one(model, replica)
+                fresh = await self._restart_one(model, replica)
                 await self._wait_settled(model)
+                if fresh.state is not ReplicaState.READY:
+                    # The new version does not come up: keep the others serving the old one (why --rolling).
+                    log.warning("model %s: rolling restart stopped at replica %d (%s)", model.name, fresh.index,
+                                fresh.message or fresh.state.value)
+                    return
         else:
             await asyncio.gather(*(self._restart_one(model, r) for r in others))
         await self._wait_settled(model)
 
-    async def _restart_one(self, model: Model, replica: Replica) -> None:
-        # stop() releases the reservation; take it again at once for the same GPUs, then start afresh.
-        await self.supervisor.stop(model.name, replica.index)
-        self.ledger.reserve([Reservation(model.name, replica.index, replica.gpus, replica.vram_by_gpu,
-                                         exclusive=model.spec.vram_bytes is None)])
+    async def _restart_one(self, model: Model, replica: Replica) -> Replica:
+        # The reservation stays in place across the restart: nobody else can take the memory meanwhile.
+        await self.supervisor.stop(model.name, replica.index, release=False)
         fresh = Replica(model.name, replica.index, replica.gpus, replica.vram_by_gpu, restarts=replica.restarts)
         model.replicas[replica.index] = fresh
         self.supervisor.launch(model, fresh)
+        return fresh
 
     async def stop_model(self, name: str) -> Model:
+        self._check_open()
+        if name in self.unrestored and name not in self.registry.models:
+            # Saved but never started in this life (it did not fit at boot): stopping it means forgetting it.
+            self._save({name: None})
+            spec = self.unrestored.pop(name)
+            forgotten = Model(spec, stopping=True)
+            self.registry.publish({"type": "removed", "name": name})
+            return forgotten
         model = self.get(name)
         if model.operation == "stop":
             return model
-        model.stopping = True
+        if name not in self.declared:
+            self._save({name: None})
         self.declared.discard(name)
-        self._persist()
-        self._begin(model, "stop", self._run_stop(model))
+        model.stopping = True
+        previous = model.task
+        self._begin(model, "stop", self._run_stop(model, previous))
         return model
 
-    async def _run_stop(self, model: Model) -> None:
+    async def _run_stop(self, model: Model, previous: asyncio.Task[None] | None) -> None:
+        if previous is not None and not previous.done():
+            # A start, scale or restart in progress would otherwise go on launching replicas of a model
+            # that is going away. Cancelling is safe: runner stops are shielded and run to their end.
+            previous.cancel()
+            await asyncio.gather(previous, return_exceptions=True)
         for replica in model.replicas.values():
             if replica.state not in (ReplicaState.FAILED, ReplicaState.STOPPED):
                 self.registry.set_state(replica, ReplicaState.STOPPING)
@@ -236,12 +268,17 @@ class ModelService:
         self.registry.publish({"type": "removed", "name": model.name})
 
     async def shutdown(self) -> None:
+        self.closing = True
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.supervisor.shutdown()
 
     # ---- helpers ------------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self.closing:
+            raise Unavailable("The gpud daemon is shutting down.")
+
     def _check_idle(self, model: Model) -> None:
         if model.stopping:
             raise Conflict(f"Model {model.name!r} is stopping.")
@@ -265,6 +302,7 @@ class ModelService:
                     self.registry.changed(model.name)
 
         task = asyncio.get_running_loop().create_task(runner(), name=f"{operation} {model.name}")
+        model.task = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -276,5 +314,20 @@ class ModelService:
         finally:
             self.registry.unsubscribe(queue)
 
-    def _persist(self) -> None:
-        self.store.save([m.spec for m in self.registry if not m.stopping and m.name not in self.declared])
+    def save_now(self) -> None:
+        try:
+            self._save({})
+        except GpudError as exc:
+            log.error("%s", exc.message)
+
+    def _save(self, changes: dict[str, ModelSpec | None]) -> None:
+        """Write the desired state as it will be after `changes` (name → new spec, or None: removed), before
+        anything changes in memory: a write that fails (full disk) leaves both the file and the daemon as they were."""
+        specs = {m.name: m.spec for m in self.registry if not m.stopping and m.name not in self.declared}
+        specs.update(self.unrestored)
+        specs.update(changes)
+        try:
+            self.store.save([spec for spec in specs.values() if spec is not None])
+        except OSError as exc:
+            raise GpudError(f"Cannot save the state under {self.store.path.parent}: {exc.strerror or exc}; "
+                            "nothing was changed.") from None

@@ -5,6 +5,7 @@ Everything a user can send is checked here, with one sentence per mistake, befor
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -20,6 +21,7 @@ MAX_REPLICAS = 1024
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_HEALTH_PATH_RE = re.compile(r"^/[\x21-\x7e]{0,1023}$")
 _SECRET_RE = re.compile(r"TOKEN|KEY|SECRET|PASSWORD", re.IGNORECASE)
 _FIELDS = (
     "name", "model", "engine", "replicas", "gpus_per_replica", "vram", "gpu_idx", "placement",
@@ -180,11 +182,12 @@ class ModelSpec:
         if command is not None and not isinstance(command, str):
             raise InvalidInput("Invalid command: expected a string template.")
         health_path = body.get("health_path", "/health")
-        if not isinstance(health_path, str) or not health_path.startswith("/"):
-            raise InvalidInput("Invalid health_path: expected a path starting with '/'.")
+        if not isinstance(health_path, str) or not _HEALTH_PATH_RE.match(health_path):
+            raise InvalidInput("Invalid health_path: expected a URL path such as /health (no spaces or control characters).")
         timeout = body.get("start_timeout_sec")
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
-            raise InvalidInput("Invalid start_timeout_sec: expected a number of seconds above 0.")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not math.isfinite(timeout) or timeout <= 0):
+            raise InvalidInput("Invalid start_timeout_sec: expected a finite number of seconds above 0.")
         unset = _str_list(body, "unset_env")
         for key in unset:
             validate_env_name(key, what="unset_env")

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+import psutil
 
 from gpud import procs
 from gpud.config import SupervisorSettings
@@ -56,11 +57,13 @@ class _Run:
     pid: int | None = None
     exit: dict[str, object] | None = None
     exec_error: str | None = None
-    tree: set[int] = field(default_factory=set)
+    tree: dict[int, psutil.Process] = field(default_factory=dict)  # the shim's tree as last seen
     exited: asyncio.Event = field(default_factory=asyncio.Event)
 
     def refresh_tree(self) -> None:
-        self.tree.update(procs.tree_pids(self.proc.pid))
+        # Replaced, not merged: the shim is a subreaper, so its current descendants are all there is, and an
+        # old pid may since belong to somebody else.
+        self.tree = {p.pid: p for p in procs.tree(self.proc.pid)}
 
 
 class ReplicaRunner:
@@ -74,15 +77,20 @@ class ReplicaRunner:
         self.stop_requested = False
         self.suspect = False  # the proxy saw a connection failure: check health now
         self.wake = asyncio.Event()
+        self.stopped = asyncio.Event()  # set once by stop(); lets a replica waiting for its start turn leave
+        self.keep_reservation = False
         self.task: asyncio.Task[None] | None = None
 
     # ---- control from outside -------------------------------------------------------------------
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._main(), name=f"replica {self.replica.model}#{self.replica.index}")
 
-    async def stop(self) -> None:
-        """Leave the balancer, drain, terminate the tree, release the reservation; returns when all is done."""
+    async def stop(self, release: bool = True) -> None:
+        """Leave the balancer, drain, terminate the tree, release the reservation (unless `release` is False:
+        a restart keeps it); returns when all is done."""
         self.stop_requested = True
+        self.keep_reservation = not release
+        self.stopped.set()
         if self.replica.state in (ReplicaState.READY, ReplicaState.UNHEALTHY, ReplicaState.STARTING,
                                   ReplicaState.PENDING, ReplicaState.BACKOFF):
             self.sup.registry.set_state(self.replica, ReplicaState.STOPPING)
@@ -141,9 +149,9 @@ class ReplicaRunner:
 
     def _finish(self, state: ReplicaState, message: str | None) -> None:
         # The tree is gone by now (every _one_life ends with _terminate), so the memory is really free.
-        self.sup.ledger.release(self.replica.model, self.replica.index)
+        if not (self.keep_reservation and state is ReplicaState.STOPPED):
+            self.sup.ledger.release(self.replica.model, self.replica.index)
         self.replica.pid = None
-        self.replica.shim_pid = None
         self.sup.registry.set_state(self.replica, state, message)
 
     async def _pause(self, seconds: float) -> None:
@@ -159,7 +167,11 @@ class ReplicaRunner:
         """Start, wait for ready, watch. Returns (outcome, sentence) after the tree is gone."""
         plan = self.sup.launch_plan(self.model, self.replica)
         self.sup.registry.set_state(self.replica, ReplicaState.PENDING)
-        async with self.sup.start_slots(self.replica.gpus):
+        try:
+            slots = await self.sup.start_slots(self.replica.gpus, self.stopped)
+        except _StopWhileWaiting:
+            return "stop", "stopped"
+        async with slots:
             if self.stop_requested:
                 return "stop", "stopped"
             await self._spawn(plan)
@@ -189,7 +201,6 @@ class ReplicaRunner:
             start_new_session=True, cwd=str(self.sup.state_dir),
         )
         self.run = _Run(proc)
-        replica.shim_pid = proc.pid
         self.sup.registry.set_state(replica, ReplicaState.STARTING)
         asyncio.get_running_loop().create_task(self._read_events(self.run))
 
@@ -229,7 +240,7 @@ class ReplicaRunner:
                 return "stop", "stopped"
             if self.run.exited.is_set():
                 return "exit", "exited during start"
-            if await self.sup.healthy(self.replica.port, plan.health_path, timeout=2.0):
+            if await self.sup.healthy(self.replica.port, plan.health_path, timeout=2.0) and not self.stop_requested:
                 self.sup.registry.set_state(self.replica, ReplicaState.READY)
                 return "ready", "ready"
             if time.monotonic() >= deadline:
@@ -262,7 +273,7 @@ class ReplicaRunner:
             self.run.refresh_tree()
             if await self.sup.healthy(self.replica.port, plan.health_path, timeout=min(5.0, settings.health_interval_sec)):
                 failures = 0
-                if self.replica.state is ReplicaState.UNHEALTHY:
+                if self.replica.state is ReplicaState.UNHEALTHY and not self.stop_requested:
                     self.sup.registry.set_state(self.replica, ReplicaState.READY)
                 continue
             failures += 1
@@ -292,15 +303,12 @@ class ReplicaRunner:
                 await asyncio.wait_for(run.exited.wait(), timeout=self.sup.settings.stop_timeout_sec + 5)
             except asyncio.TimeoutError:
                 run.refresh_tree()
-                for pid in run.tree:
-                    _signal(pid, signal.SIGKILL)
+                procs.signal_processes(run.tree.values(), signal.SIGKILL)
                 await run.exited.wait()
         # The shim reaps its tree before it exits; check anyway, the promise is "nothing left".
-        leftovers = procs.alive(run.tree - {os.getpid()})
-        for pid in leftovers:
-            _signal(pid, signal.SIGKILL)
-        await self.sup.wait_gpu_free(run.tree, self.replica.gpus)
-        run.tree.clear()  # no longer ours: the ledger must not subtract them from "used by others"
+        procs.signal_processes(run.tree.values(), signal.SIGKILL)
+        await self.sup.wait_gpu_free(set(run.tree), self.replica.gpus)
+        run.tree = {}  # no longer ours: the ledger must not subtract them from "used by others"
         self.replica.pid = None
 
 
@@ -337,14 +345,13 @@ class Supervisor:
         self.runners: dict[tuple[str, int], ReplicaRunner] = {}
         self._gpu_locks: dict[int, asyncio.Lock] = {}
         self._session: aiohttp.ClientSession | None = None
-        self._dead_pids: set[int] = set()
 
     # ---- queries used by the ledger, proxy and daemon ----------------------------------------------
     def owned_pids(self) -> set[int]:
         pids: set[int] = set()
         for runner in self.runners.values():
             if runner.run is not None:
-                pids |= runner.run.tree
+                pids.update(runner.run.tree)
         return pids
 
     def taken_ports(self) -> set[int]:
@@ -360,12 +367,13 @@ class Supervisor:
         runner.start()
         return runner
 
-    async def stop(self, model: str, index: int) -> None:
+    async def stop(self, model: str, index: int, *, release: bool = True) -> None:
         runner = self.runners.get((model, index))
         if runner is not None:
-            await runner.stop()
-            self.runners.pop((model, index), None)
-        else:
+            await runner.stop(release)
+            if self.runners.get((model, index)) is runner:  # a new runner may have taken the slot meanwhile
+                del self.runners[(model, index)]
+        elif release:
             self.ledger.release(model, index)
 
     def connect_failed(self, replica: Replica) -> None:
@@ -407,9 +415,12 @@ class Supervisor:
         }
         return merge_env(os.environ, self.config_env, model.spec.env, model.spec.unset_env, managed)
 
-    def start_slots(self, gpus: tuple[int, ...]) -> _StartSlots:
-        """Replicas that share a GPU start one at a time (vLLM profiles free memory while it starts)."""
-        return _StartSlots([self._gpu_locks.setdefault(g, asyncio.Lock()) for g in sorted(gpus)])
+    async def start_slots(self, gpus: tuple[int, ...], stopped: asyncio.Event) -> _StartSlots:
+        """Wait for the start turn on every GPU of a replica: replicas that share a GPU start one at a time
+        (vLLM profiles free memory while it starts). Raises _StopWhileWaiting when `stopped` is set first."""
+        slots = _StartSlots([self._gpu_locks.setdefault(g, asyncio.Lock()) for g in sorted(gpus)])
+        await slots.acquire(stopped)
+        return slots
 
     # ---- health and GPU memory ----------------------------------------------------------------------
     async def healthy(self, port: int, path: str, *, timeout: float) -> bool:
@@ -446,22 +457,38 @@ class Supervisor:
             await asyncio.sleep(0.2)
 
 
+class _StopWhileWaiting(Exception):
+    """The replica was told to stop while it waited for its start turn."""
+
+
 class _StartSlots:
-    """Acquire the start locks of several GPUs in index order (no deadlock), release all on exit."""
+    """The start locks of several GPUs, taken in index order (no deadlock); released on leaving the block."""
 
     def __init__(self, locks: list[asyncio.Lock]) -> None:
         self.locks = locks
 
-    async def __aenter__(self) -> None:
+    async def acquire(self, stopped: asyncio.Event) -> None:
         taken: list[asyncio.Lock] = []
         try:
             for lock in self.locks:
-                await lock.acquire()
-                taken.append(lock)
+                acquiring = asyncio.ensure_future(lock.acquire())
+                giving_up = asyncio.ensure_future(stopped.wait())
+                await asyncio.wait({acquiring, giving_up}, return_when=asyncio.FIRST_COMPLETED)
+                giving_up.cancel()
+                if not acquiring.done():
+                    acquiring.cancel()
+                    await asyncio.gather(acquiring, return_exceptions=True)
+                if acquiring.done() and not acquiring.cancelled():
+                    taken.append(lock)
+                if stopped.is_set():
+                    raise _StopWhileWaiting
         except BaseException:
             for lock in taken:
                 lock.release()
             raise
+
+    async def __aenter__(self) -> None:
+        return None
 
     async def __aexit__(self, *exc: object) -> None:
         for lock in self.locks:

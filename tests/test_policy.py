@@ -24,7 +24,6 @@ def test_start_limit_counts_failures_inside_the_interval() -> None:
     limit = StartLimit(burst=3, interval=10)
     assert [limit.record_failure(t) for t in (0, 1, 2)] == [False, False, False]
     assert limit.record_failure(3)  # the 4th within 10 s: more than burst
-    limit.reset()
     spaced = StartLimit(burst=1, interval=10)
     assert not spaced.record_failure(0)
     assert not spaced.record_failure(10)  # the first one has left the window
