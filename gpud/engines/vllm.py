@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 from gpud.engines import EngineContext, LaunchPlan, format_utilization, gpu_memory_utilization
@@ -52,8 +51,9 @@ def validate(args: Sequence[str], command: str | None) -> None:
 
 def build(ctx: EngineContext) -> LaunchPlan:
     """`vllm serve MODEL --host H --port P --served-model-name N --gpu-memory-utilization U ARGS…`."""
-    # With a venv the engine must come from it (SPEC §6); otherwise PATH decides, as a user would expect.
-    executable = os.path.join(ctx.bin_dir, "vllm") if ctx.bin_dir else "vllm"
+    # Resolved through the replica's PATH, which has the model's venv bin/ first (SPEC §6: vllm from the venv),
+    # so a venv that layers on a vllm installed beneath it still finds one.
+    executable = "vllm"
     utilization = format_utilization(gpu_memory_utilization(ctx.vram_bytes, ctx.total_bytes))
     argv = [
         executable,
