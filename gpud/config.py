@@ -5,6 +5,7 @@ An unknown key or a wrong type in the file is an InvalidInput that names the key
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Mapping
@@ -81,6 +82,13 @@ class Settings:
     multi_replica: bool = True
     api_keys: tuple[str, ...] = ()
     max_body_bytes: int = 32 * 2**20
+    # A replica that sends nothing for this long: 504 before the response, a cut stream after.
+    proxy_idle_timeout_sec: float = 300.0
+    # A client that takes this long to send a request head, pauses this long in a body, or leaves response
+    # bytes unread this long is disconnected (nginx's client_header/client_body/send timeouts, 60 s there too).
+    proxy_client_timeout_sec: float = 60.0
+    # Open client connections at most; 0: half of what the file descriptor limit leaves (see clientguard).
+    proxy_max_connections: int = 0
     supervisor: SupervisorSettings = field(default_factory=SupervisorSettings)
     env: dict[str, str] = field(default_factory=dict)
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -95,7 +103,14 @@ _SECTIONS: dict[str, dict[str, tuple[type, ...]]] = {
     "daemon": {"socket": (str,), "state_dir": (str,), "socket_group": (str,)},
     "gpus": {"spec": (str,), "headroom": (str, int)},
     "allocator": {"single_gpu_multi_replica": (bool,)},
-    "proxy": {"listen": (str,), "api_keys": (list,), "max_body": (str, int)},
+    "proxy": {
+        "listen": (str,),
+        "api_keys": (list,),
+        "max_body": (str, int),
+        "idle_timeout_sec": (int, float),
+        "client_timeout_sec": (int, float),
+        "max_connections": (int,),
+    },
     "supervisor": {
         f.name: ((str,) if f.name == "restart" else (int,) if f.name in ("start_limit_burst", "health_failures")
                  else (int, float))
@@ -195,6 +210,12 @@ def load_settings(flags: Mapping[str, Any], environ: Mapping[str, str] = os.envi
         raise InvalidInput(f"Config key 'proxy.api_keys'{where} must be a list of non-empty strings.")
     if environ.get("GPUD_API_KEY"):
         keys = [environ["GPUD_API_KEY"], *keys]
+    proxy = data.get("proxy", {})
+    for key in ("idle_timeout_sec", "client_timeout_sec"):
+        if key in proxy and not 0 < proxy[key] < math.inf:
+            raise InvalidInput(f"Config key 'proxy.{key}'{where} must be a number of seconds more than 0.")
+    if proxy.get("max_connections", 0) < 0:
+        raise InvalidInput(f"Config key 'proxy.max_connections'{where} cannot be negative (0: automatic).")
     sup = dict(data.get("supervisor", {}))
     if sup.get("restart", "on-failure") not in RESTART_POLICIES:
         raise InvalidInput(f"Config key 'supervisor.restart'{where} must be one of {', '.join(RESTART_POLICIES)}.")
@@ -212,7 +233,10 @@ def load_settings(flags: Mapping[str, Any], environ: Mapping[str, str] = os.envi
         listen_port=listen_port,
         multi_replica=multi,
         api_keys=tuple(keys),
-        max_body_bytes=parse_size(data.get("proxy", {}).get("max_body", "32MiB"), what=f"proxy.max_body{where}"),
+        max_body_bytes=parse_size(proxy.get("max_body", "32MiB"), what=f"proxy.max_body{where}"),
+        proxy_idle_timeout_sec=float(proxy.get("idle_timeout_sec", 300.0)),
+        proxy_client_timeout_sec=float(proxy.get("client_timeout_sec", 60.0)),
+        proxy_max_connections=proxy.get("max_connections", 0),
         supervisor=SupervisorSettings(**sup),
         env=dict(data.get("env", {})),
         models={name: dict(table) for name, table in data.get("models", {}).items()},

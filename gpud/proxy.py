@@ -9,13 +9,22 @@ keep-alive pool of gpud.upstream (a lean HTTP/1.1 client: aiohttp's generic Clie
 proxy's CPU), the request head is assembled from the raw header bytes, small responses are sent in one
 write, and nothing is decoded that does not have to be. Streams (SSE, chunked) are forwarded chunk by chunk
 as they arrive, awaiting each client write (backpressure), with an idle read timeout instead of a total
-one. `start()` runs the server with handler cancellation on, so a client that goes away cancels its handler
-at once, which closes the connection to the replica, which then stops generating.
+one (gpud.relay; the HTTP message rules are in gpud.proxymsg). `start()` runs the server with handler
+cancellation on, so a client that goes away cancels its handler at once, which closes the connection to the
+replica, which then stops generating.
 
-Failure rules: a connection failure before any response byte is retried on another ready replica (the
-failed one is reported through `on_connect_failure`, which the supervisor uses to take it out of rotation
-until its health check passes); once the response has started, nothing is retried: the client connection
-is cut so the client sees a truncated response instead of a clean end.
+Slow and stuck clients (gpud.clientguard): a request head must arrive within `client_timeout_sec`, a body
+must keep coming, and a client must keep reading what it asked for, else its connection is cut; above
+`max_connections` new connections get a 503.
+
+Failure rules: nothing is retried once a byte of the response has gone to the client, and everything that
+fails before is retried on another ready replica when the replica may simply be gone: the connection could
+not be made (the replica is reported through `on_connect_failure`, which the supervisor uses to take it out
+of rotation until its health check passes), or it closed before the response head, or before the first
+chunk of a body (response heads are held back until then, so a replica that dies before its first token
+costs the client nothing). A replica that stays silent past `idle_timeout_sec` is not retried (it may still
+be working on the request): 504. A stream cut after bytes went out ends with an OpenAI-style error event (for
+SSE, when the cut falls between events) and a cut connection, so the client sees an error, never a clean end.
 """
 
 from __future__ import annotations
@@ -23,63 +32,42 @@ from __future__ import annotations
 import asyncio
 import errno
 import hmac
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from aiohttp import web
-from multidict import CIMultiDict
 
 from gpud.balancer import choose
+from gpud.clientguard import Listener, ServerLog, Stall
 from gpud.errors import GpudError
-from gpud.metrics import Metrics, Series
+from gpud.metrics import Metrics
+from gpud.proxymsg import (
+    MODEL_HEADER,
+    error_response,
+    model_from_body,
+    upstream_head_tail,
+)
 from gpud.registry import Model, Registry, Replica
-from gpud.upstream import BrokenResponse, ConnectFailed, NoResponse, Pool, Response, UpstreamTimeout
+from gpud.relay import NullSeries, relay
+from gpud.upstream import (
+    BrokenResponse,
+    ConnectFailed,
+    NoResponse,
+    Pool,
+    ResponseCut,
+    UpstreamTimeout,
+)
+
+if TYPE_CHECKING:
+    from gpud.config import Settings
 
 log = logging.getLogger(__name__)
 
-MODEL_HEADER = "X-Gpud-Model"
-REPLICA_HEADER = "X-Gpud-Replica"
-# RFC 9110 §7.6.1 hop-by-hop fields (plus the non-standard Proxy-Connection); the ones named by a
-# Connection header are dropped as well, per message.
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "proxy-authorization",
-        "proxy-authenticate",
-    }
-)
-# Host is rewritten for the replica, Content-Length recomputed from the buffered body, and Expect was already
-# answered by this server; X-Forwarded-* are set below. Request headers are filtered as raw bytes.
-_REQUEST_DROP = frozenset(
-    h.encode()
-    for h in HOP_BY_HOP | {"host", "content-length", "expect", "x-forwarded-for", "x-forwarded-proto"}
-)
-_RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 # Responses up to this size with a Content-Length are read whole and sent in one write (fewer syscalls and
 # task switches for the common small JSON answer); anything else is streamed.
 _BUFFER_LIMIT = 256 * 1024
-_BODYLESS_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "TRACE"})
-
-
-def _error(
-    status: int, message: str, type_: str, code: str, headers: dict[str, str] | None = None
-) -> web.Response:
-    """An OpenAI-style error answer."""
-    body = json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}})
-    return web.Response(status=status, body=body.encode(), content_type="application/json", headers=headers)
-
-
-def _connection_tokens(values: Sequence[str]) -> frozenset[str]:
-    """The field names a Connection header lists: hop-by-hop for this message too."""
-    return frozenset(t.strip().lower() for v in values for t in v.split(",") if t.strip())
 
 
 class Proxy:
@@ -94,17 +82,46 @@ class Proxy:
         metrics: Metrics | None = None,
         on_connect_failure: Callable[[Replica], None] = lambda r: None,
         idle_timeout_sec: float = 300.0,
+        client_timeout_sec: float = 60.0,
+        max_connections: int = 0,
     ) -> None:
+        """idle_timeout_sec: how long a replica may send nothing; client_timeout_sec: how long a client may
+        take to send a request head, pause while sending a body, or leave response bytes unread;
+        max_connections: open client connections at most (0: derived from the file descriptor limit)."""
         self._registry = registry
         self._keys = tuple(k.encode() for k in api_keys if k)
         self._max_body = max_body_bytes
         self._metrics = metrics
         self._on_connect_failure = on_connect_failure
         self._idle_timeout = idle_timeout_sec
+        self._client_timeout = client_timeout_sec
+        self._max_connections = max_connections
         self._pool: Pool | None = None
         self._runner: web.AppRunner | None = None
+        self._listener: Listener | None = None
         # Used when no Metrics object is given, so the hot path never branches on it.
-        self._null_series = _NullSeries()
+        self._null_series = NullSeries()
+
+    @classmethod
+    def from_settings(
+        cls,
+        registry: Registry,
+        settings: Settings,
+        *,
+        metrics: Metrics | None = None,
+        on_connect_failure: Callable[[Replica], None] = lambda r: None,
+    ) -> Proxy:
+        """A proxy configured from the daemon's `[proxy]` settings."""
+        return cls(
+            registry,
+            api_keys=settings.api_keys,
+            max_body_bytes=settings.max_body_bytes,
+            metrics=metrics,
+            on_connect_failure=on_connect_failure,
+            idle_timeout_sec=settings.proxy_idle_timeout_sec,
+            client_timeout_sec=settings.proxy_client_timeout_sec,
+            max_connections=settings.proxy_max_connections,
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -119,10 +136,28 @@ class Proxy:
 
     async def start(self, host: str, port: int) -> None:
         """Listen on host:port; a GpudError says why when the address cannot be bound."""
-        runner = web.AppRunner(self.make_app(), access_log=None, handler_cancellation=True)
+        # keepalive_timeout: aiohttp closes a connection that sends no complete request head for this long
+        # after its previous response. Header sizes keep aiohttp's limits (8190-byte lines, 128 fields: 4xx).
+        runner = web.AppRunner(
+            self.make_app(),
+            access_log=None,
+            handler_cancellation=True,
+            keepalive_timeout=self._client_timeout,
+            logger=ServerLog(log),
+            auto_decompress=False,  # bodies pass unchanged: a gzipped body reaches the replica gzipped
+        )
         await runner.setup()
+        assert runner.server is not None
+        unrouted = self._metrics.series("") if self._metrics is not None else self._null_series
+        listener = Listener(
+            runner.server,
+            max_connections=self._max_connections,
+            head_timeout=self._client_timeout,
+            on_refused=lambda: unrouted.error("too_many_connections"),
+            on_head_timeout=lambda: unrouted.error("client_timeout"),
+        )
         try:
-            await web.TCPSite(runner, host, port, backlog=1024).start()
+            await listener.listen(host, port, backlog=1024)
         except OSError as exc:
             await runner.cleanup()
             if exc.errno == errno.EADDRINUSE:
@@ -132,9 +167,13 @@ class Proxy:
                 ) from None
             raise GpudError(f"Cannot listen on {host}:{port} for the proxy: {exc.strerror or exc}.") from None
         self._runner = runner
+        self._listener = listener
 
     async def close(self) -> None:
         """Stop listening and close the connections to the replicas."""
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
@@ -142,10 +181,15 @@ class Proxy:
 
     @property
     def address(self) -> tuple[str, int]:
-        if self._runner is None or not self._runner.addresses:
+        address = self._listener.address if self._listener is not None else None
+        if address is None:
             raise GpudError("The proxy is not listening.")
-        host, port = self._runner.addresses[0][:2]
-        return host, port
+        return address
+
+    @property
+    def max_connections(self) -> int:
+        """The connection limit in force (after `start()`; 0 before)."""
+        return self._listener.max_connections if self._listener is not None else 0
 
     async def _open_pool(self, app: web.Application | None = None) -> None:
         if self._pool is None:
@@ -159,6 +203,8 @@ class Proxy:
     # -- local routes ------------------------------------------------------------------------------------
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        if self._listener is not None:
+            self._listener.request_seen(request)
         if request.method in ("GET", "HEAD"):
             path = request.path
             if path == "/health":
@@ -213,7 +259,7 @@ class Proxy:
     def _unauthorized(self) -> web.Response:
         if self._metrics is not None:
             self._metrics.series("").error("unauthorized")
-        return _error(
+        return error_response(
             401,
             "Missing or invalid API key: send Authorization: Bearer KEY.",
             "invalid_request_error",
@@ -223,7 +269,7 @@ class Proxy:
 
     def _model_not_found(self, name: str) -> web.Response:
         shown = name if len(name) <= 200 else name[:200] + "…"
-        return _error(
+        return error_response(
             404,
             f"The model '{shown}' does not exist or is not running on this gpud.",
             "invalid_request_error",
@@ -238,44 +284,80 @@ class Proxy:
             return self._unauthorized()
         metrics = self._metrics
         unrouted = metrics.series("") if metrics is not None else self._null_series
-        length = request.content_length
+        transport = request.transport
+        if transport is None:  # the client is already gone
+            return error_response(400, "The client closed the connection.", "invalid_request_error", "client_closed")
+        stall = Stall(asyncio.get_running_loop(), transport, self._client_timeout)
         try:
-            if length is not None and length > self._max_body:
-                raise web.HTTPRequestEntityTooLarge(max_size=self._max_body, actual_size=length)
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            unrouted.error("too_large")
-            unrouted.request(413)
-            return _error(
-                413,
-                f"The request body is larger than the proxy's limit of {self._max_body} bytes.",
-                "invalid_request_error",
-                "request_too_large",
-            )
-
-        name = request.headers.get(MODEL_HEADER)
-        if name is None:
-            name, problem = _model_from_body(body)
-            if name is None:
+            try:
+                body = await self._read_body(request, stall)
+            except _TooLarge:
+                unrouted.error("too_large")
+                unrouted.request(413)
+                return error_response(
+                    413,
+                    f"The request body is larger than the proxy's limit of {self._max_body} bytes.",
+                    "invalid_request_error",
+                    "request_too_large",
+                )
+            except (web.RequestPayloadError, ConnectionResetError):
+                # A malformed body (bad chunked encoding, short of its Content-Length) or a client that left
+                # mid-body: nothing to forward. A 400, never a 500 (aiohttp would log one as a server error).
                 unrouted.error("bad_request")
                 unrouted.request(400)
-                return _error(
-                    400,
-                    problem,
-                    "invalid_request_error",
-                    "invalid_json" if problem.startswith("The request body is not") else "model_required",
+                return error_response(
+                    400, "The request body could not be read.", "invalid_request_error", "invalid_body"
                 )
-        model = self._registry.get(name)
-        if model is None:
-            unrouted.error("model_not_found")
-            unrouted.request(404)
-            return self._model_not_found(name)
-        return await self._forward(request, model, body, started)
+
+            name = request.headers.get(MODEL_HEADER)
+            if name is None:
+                name, problem = model_from_body(body, request.headers.get("Content-Encoding", "identity"))
+                if name is None:
+                    unrouted.error("bad_request")
+                    unrouted.request(400)
+                    return error_response(
+                        400,
+                        problem,
+                        "invalid_request_error",
+                        "invalid_json" if problem.startswith("The request body is not") else "model_required",
+                    )
+            model = self._registry.get(name)
+            if model is None:
+                unrouted.error("model_not_found")
+                unrouted.request(404)
+                return self._model_not_found(name)
+            return await self._forward(request, model, body, started, stall)
+        finally:
+            stall.cancel()
+            if stall.fired:
+                unrouted.error("client_timeout")
+
+    async def _read_body(self, request: web.Request, stall: Stall) -> bytes:
+        """The whole request body, within max_body; the stall watchdog cuts a client that stops sending."""
+        length = request.content_length
+        if length is not None and length > self._max_body:
+            raise _TooLarge
+        if not request.body_exists:
+            return b""
+        content = request.content
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            stall.waiting()
+            chunk = await content.readany()
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > self._max_body:  # no Content-Length (chunked): the limit applies while reading
+                raise _TooLarge
+            chunks.append(chunk)
+        stall.done()
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def _forward(
-        self, request: web.Request, model: Model, body: bytes, started: float
+        self, request: web.Request, model: Model, body: bytes, started: float, stall: Stall
     ) -> web.StreamResponse:
-        """Send the request to the best ready replica; retry others while no response byte came back."""
+        """Send the request to the best ready replica; retry others while no byte went to the client."""
         metrics = self._metrics
         pool = self._pool
         assert pool is not None, "the proxy's app was not started"
@@ -283,7 +365,15 @@ class Proxy:
         start_line = f"{request.method} {request.rel_url.raw_path_qs} HTTP/1.1\r\nHost: 127.0.0.1:".encode(
             "utf-8", "surrogateescape"
         )
-        rest = self._upstream_head_tail(request, body)
+        rest = upstream_head_tail(
+            request.raw_headers,
+            request.headers.getall("Connection", ()),
+            method=request.method,
+            remote=request.remote,
+            scheme=request.scheme,
+            body=body,
+            drop_authorization=bool(self._keys),
+        )
         head_only = request.method == "HEAD"
         excluded: set[int] = set()
         failures: list[str] = []
@@ -297,6 +387,15 @@ class Proxy:
                 try:
                     head = b"%s%d\r\n%s" % (start_line, replica.port, rest)
                     upstream = await pool.request(replica.port, head, body, head_only=head_only)
+                    # Small answers are read whole, streams up to their first chunk, before anything is sent
+                    # to the client: a replica that fails until then costs the client nothing.
+                    length = upstream.content_length
+                    whole = length is not None and length <= _BUFFER_LIMIT and not head_only
+                    try:
+                        first = await (upstream.read_all() if whole else upstream.read())
+                    except BaseException:
+                        upstream.close()
+                        raise
                 except ConnectFailed as exc:
                     # Nothing reached the replica: it is down or not listening. Take it out and try another.
                     series.error("connect")
@@ -307,10 +406,10 @@ class Proxy:
                     )
                     self._on_connect_failure(replica)
                     continue
-                except NoResponse as exc:
-                    # The connection broke before any response byte (e.g. the replica died with the request
-                    # in flight): retry elsewhere. Not reported as a connect failure: the next connection
-                    # attempt tells whether the replica is really gone.
+                except (NoResponse, ResponseCut) as exc:
+                    # The connection broke before the client got anything (e.g. the replica died with the
+                    # request in flight): retry elsewhere. Not reported as a connect failure: the next
+                    # connection attempt tells whether the replica is really gone.
                     series.error("connect")
                     failures.append(f"replica {replica.index}: {exc}")
                     excluded.add(replica.index)
@@ -320,7 +419,7 @@ class Proxy:
                     # working on it, so a retry elsewhere could run it twice.
                     series.error("timeout")
                     series.request(504, time.perf_counter() - started)
-                    return _error(
+                    return error_response(
                         504,
                         f"Replica {replica.index} of model '{model.name}' sent no response "
                         "before the proxy's idle timeout.",
@@ -330,13 +429,13 @@ class Proxy:
                 except BrokenResponse as exc:
                     series.error("upstream")
                     series.request(502, time.perf_counter() - started)
-                    return _error(
+                    return error_response(
                         502,
                         f"Replica {replica.index} of model '{model.name}' sent an invalid response: {exc}",
                         "server_error",
                         "upstream_error",
                     )
-                return await self._respond(request, upstream, replica, series, started)
+                return await relay(request, upstream, first, whole, replica, series, started, stall)
             except asyncio.CancelledError:
                 series.error("client_disconnect")
                 raise
@@ -347,7 +446,7 @@ class Proxy:
         series = metrics.series(name) if metrics is not None else self._null_series
         if failures:
             series.request(502)
-            return _error(
+            return error_response(
                 502,
                 f"No replica of model '{name}' could be reached ({'; '.join(failures)}).",
                 "server_error",
@@ -355,7 +454,7 @@ class Proxy:
             )
         series.error("no_ready_replica")
         series.request(503)
-        return _error(
+        return error_response(
             503,
             f"Model '{name}' has no ready replica right now; retry shortly.",
             "server_error",
@@ -363,141 +462,6 @@ class Proxy:
             {"Retry-After": "1"},
         )
 
-    def _upstream_head_tail(self, request: web.Request, body: bytes) -> bytes:
-        """The request head after the Host line: the client's end-to-end fields as raw bytes, X-Forwarded-*,
-        Content-Length, and the blank line."""
-        drop = _REQUEST_DROP
-        connection = request.headers.getall("Connection", ())
-        if connection:
-            drop = drop | {t.encode("latin-1", "replace") for t in _connection_tokens(connection)}
-        if self._keys:  # the bearer key is gpud's own; the replica must not see it
-            drop = drop | {b"authorization"}
-        parts: list[bytes] = []
-        for name, value in request.raw_headers:
-            if name.lower() not in drop:
-                parts += (name, b": ", value, b"\r\n")
-        remote = (request.remote or "").encode()
-        prior = b", ".join(v for n, v in request.raw_headers if n.lower() == b"x-forwarded-for")
-        parts += (
-            b"X-Forwarded-For: ",
-            prior + b", " + remote if prior else remote,
-            b"\r\n",
-            b"X-Forwarded-Proto: ",
-            request.scheme.encode(),
-            b"\r\n",
-        )
-        if body or request.method not in _BODYLESS_METHODS:
-            parts.append(b"Content-Length: %d\r\n" % len(body))
-        parts.append(b"\r\n")
-        return b"".join(parts)
 
-    async def _respond(
-        self,
-        request: web.Request,
-        upstream: Response,
-        replica: Replica,
-        series: Series | _NullSeries,
-        started: float,
-    ) -> web.StreamResponse:
-        """Send the replica's response to the client: small ones whole, the rest chunk by chunk."""
-        try:
-            headers = _response_headers(upstream, replica.index)
-            length = upstream.content_length
-            if length is not None and length <= _BUFFER_LIMIT and request.method != "HEAD":
-                try:
-                    payload = await upstream.read_all()
-                except (BrokenResponse, UpstreamTimeout) as exc:
-                    # The replica started answering then failed; it may have acted on the request: no retry.
-                    series.error("timeout" if isinstance(exc, UpstreamTimeout) else "upstream")
-                    series.request(502, time.perf_counter() - started)
-                    return _error(
-                        502,
-                        f"Replica {replica.index} of model '{replica.model}' broke off its response: {exc}",
-                        "server_error",
-                        "upstream_error",
-                    )
-                series.request(upstream.status, time.perf_counter() - started)
-                return web.Response(
-                    status=upstream.status, reason=upstream.reason, body=payload, headers=headers
-                )
-
-            response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
-            if length is not None:
-                response.content_length = length
-            await response.prepare(request)
-            first = True
-            try:
-                while chunk := await upstream.read():
-                    if first:
-                        series.ttfb.observe(time.perf_counter() - started)
-                        first = False
-                    await response.write(chunk)  # waits while the client's socket buffer is full
-            except ConnectionResetError:  # the client went away mid-stream (includes aiohttp's own subclass)
-                series.error("client_disconnect")
-                series.request(upstream.status)
-                return response
-            except (BrokenResponse, UpstreamTimeout) as exc:
-                series.error("timeout" if isinstance(exc, UpstreamTimeout) else "upstream")
-                series.request(upstream.status, time.perf_counter() - started)
-                log.warning(
-                    "Model %s replica %d broke off a streamed response: %s", replica.model, replica.index, exc
-                )
-                # Bytes already reached the client: cut its connection so it sees a truncated response
-                # rather than a clean end; aiohttp's closing write_eof then fails quietly.
-                if request.transport is not None:
-                    request.transport.close()
-                return response
-            await response.write_eof()
-            series.request(upstream.status, time.perf_counter() - started)
-            return response
-        finally:
-            upstream.release()  # back to the pool if the body was read to its end, else the connection closes
-
-
-def _response_headers(upstream: Response, index: int) -> CIMultiDict[str]:
-    drop = _RESPONSE_DROP
-    connection = [v for k, v in upstream.headers if k.lower() == "connection"]
-    if connection:
-        drop = drop | _connection_tokens(connection)
-    out: CIMultiDict[str] = CIMultiDict()
-    for key, value in upstream.headers:
-        if key.lower() not in drop:
-            out.add(key, value)
-    out[REPLICA_HEADER] = str(index)
-    return out
-
-
-def _model_from_body(body: bytes) -> tuple[str | None, str]:
-    """The JSON body's "model", or None and the sentence that says what is wrong with the request."""
-    if not body:
-        return (
-            None,
-            f'No model given: set the {MODEL_HEADER} header or send a JSON body with a "model" field.',
-        )
-    try:
-        doc = json.loads(body)
-    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; deep nesting a RecursionError
-        return None, "The request body is not valid JSON."
-    model = doc.get("model") if isinstance(doc, dict) else None
-    if not isinstance(model, str) or not model:
-        return (
-            None,
-            f'No model given: the JSON body needs a "model" string (or set the {MODEL_HEADER} header).',
-        )
-    return model, ""
-
-
-class _NullSeries:
-    """Stands in for metrics.Series when the proxy runs without metrics."""
-
-    class _NullHistogram:
-        def observe(self, amount: float) -> None:
-            pass
-
-    ttfb = duration = _NullHistogram()
-
-    def request(self, status: int, seconds: float | None = None) -> None:
-        pass
-
-    def error(self, kind: str) -> None:
-        pass
+class _TooLarge(Exception):
+    """The request body is over max_body."""

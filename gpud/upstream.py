@@ -17,6 +17,8 @@ Errors tell the proxy what it may do next:
     NoResponse       the connection closed before any response byte
     UpstreamTimeout  the replica sent nothing for `idle_timeout` seconds
     BrokenResponse   the response started, then broke off, or is not valid HTTP
+      ResponseCut      (a BrokenResponse) the connection closed in the middle of the response: the
+                       replica died or dropped it, as opposed to sending something invalid
 """
 
 from __future__ import annotations
@@ -57,6 +59,10 @@ class UpstreamTimeout(UpstreamError):
 
 
 class BrokenResponse(UpstreamError):
+    pass
+
+
+class ResponseCut(BrokenResponse):
     pass
 
 
@@ -151,7 +157,7 @@ class Connection(asyncio.Protocol):
             why = f" ({exc})" if exc else ""
             if self._got_bytes:
                 self._fail(
-                    BrokenResponse(
+                    ResponseCut(
                         f"The replica on port {self.port} closed the connection in the middle "
                         f"of the response head{why}."
                     )
@@ -168,7 +174,7 @@ class Connection(asyncio.Protocol):
                 self._body_complete()
             else:
                 self._fail(
-                    BrokenResponse(
+                    ResponseCut(
                         f"The replica on port {self.port} closed the connection before the "
                         "end of the response body."
                     )

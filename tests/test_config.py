@@ -48,7 +48,11 @@ def test_sections_env_models_supervisor_api_keys(tmp_path: Path) -> None:
     assert s.env == {"HF_HOME": "/models"}
     assert s.supervisor.restart == "always" and s.supervisor.stop_timeout_sec == 3
     assert s.api_keys == ("k0", "k1") and s.max_body_bytes == 2**20
+    assert (s.proxy_idle_timeout_sec, s.proxy_client_timeout_sec, s.proxy_max_connections) == (300, 60, 0)
     assert s.models == {"demo": {"model": "m", "engine": "sim"}}
+    path.write_text('[proxy]\nidle_timeout_sec = 2.5\nclient_timeout_sec = 10\nmax_connections = 100\n')
+    s = load_settings({"config": str(path)}, {"HOME": str(tmp_path)})
+    assert (s.proxy_idle_timeout_sec, s.proxy_client_timeout_sec, s.proxy_max_connections) == (2.5, 10, 100)
 
 
 @pytest.mark.parametrize(
@@ -63,6 +67,11 @@ def test_sections_env_models_supervisor_api_keys(tmp_path: Path) -> None:
         ("[supervisor]\nrestart_sec = -1\n", "'supervisor.restart_sec'"),
         ("[proxy]\nlisten = \"nowhere\"\n", "listen"),
         ("[proxy]\napi_keys = [1]\n", "'proxy.api_keys'"),
+        ("[proxy]\nidle_timeout_sec = 0\n", "'proxy.idle_timeout_sec'"),
+        ("[proxy]\nclient_timeout_sec = inf\n", "'proxy.client_timeout_sec'"),
+        ("[proxy]\nclient_timeout_sec = \"1m\"\n", "'proxy.client_timeout_sec'"),
+        ("[proxy]\nmax_connections = -1\n", "'proxy.max_connections'"),
+        ("[proxy]\nmax_connections = 1.5\n", "'proxy.max_connections'"),
         ("[gpus]\nheadroom = \"lots\"\n", "gpus.headroom"),
         ("[env]\nCUDA_VISIBLE_DEVICES = \"0\"\n", "CUDA_VISIBLE_DEVICES"),
         ("[models.\"../x\"]\nmodel = \"m\"\n", "../x"),

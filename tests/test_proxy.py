@@ -676,3 +676,45 @@ def test_a_busy_address_is_a_clear_error() -> None:
             await other.close()
 
     run(main())
+
+
+@contextlib.asynccontextmanager
+async def dying_upstream(answer: bytes) -> AsyncIterator[int]:
+    """A replica that reads a request head, sends `answer` (a partial response) and closes the connection."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def test_a_replica_dying_before_the_client_got_a_byte_is_retried_even_after_its_head() -> None:
+    async def main() -> None:
+        sse_head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+        async with (
+            dying_upstream(b"HTTP/1.1 200 OK\r\nContent-Le") as mid_head,
+            dying_upstream(sse_head) as before_first_chunk,
+            dying_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"partial") as mid_small_body,
+            echo_upstream() as (echo_port, _),
+        ):
+            registry = make_registry({"m": [mid_head, before_first_chunk, mid_small_body, echo_port]})
+            metrics = Metrics(registry)
+            async with serving(registry, metrics=metrics) as (_, client):
+                for _ in range(4):  # each request meets the dying replicas in a different order
+                    async with client.post("/v1/completions", json=COMPLETION) as r:
+                        assert r.status == 200 and r.headers["X-Gpud-Replica"] == "3"
+                        assert (await r.json())["path"] == "/v1/completions"
+        text = metrics.render()[0].decode()
+        for replica in "012":
+            assert f'gpud_proxy_errors_total{{kind="connect",model="m",replica="{replica}"}}' in text
+        assert 'kind="upstream"' not in text  # none of them counted as a broken answer to a client
+
+    run(main())

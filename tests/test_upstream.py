@@ -17,6 +17,7 @@ from gpud.upstream import (
     Connection,
     NoResponse,
     Pool,
+    ResponseCut,
     UpstreamTimeout,
 )
 
@@ -171,8 +172,9 @@ def test_malformed_heads_are_broken_responses(raw: bytes) -> None:
     async def main() -> None:
         conn, transport = fake_connection(Pool(idle_timeout=5))
         conn.data_received(raw)
-        with pytest.raises(BrokenResponse):
+        with pytest.raises(BrokenResponse) as broken:
             await conn.read_head()
+        assert not isinstance(broken.value, ResponseCut)  # invalid, not cut: the proxy does not retry it
         assert transport.aborted
 
     run(main())
@@ -192,7 +194,7 @@ def test_malformed_chunks_break_the_body(body: bytes) -> None:
     run(main())
 
 
-def test_a_connection_cut_mid_body_or_mid_head_is_broken_and_before_any_byte_is_no_response() -> None:
+def test_a_connection_cut_mid_body_or_mid_head_is_a_cut_and_before_any_byte_is_no_response() -> None:
     async def main() -> None:
         pool = Pool(idle_timeout=5)
         conn, _ = fake_connection(pool)
@@ -200,20 +202,20 @@ def test_a_connection_cut_mid_body_or_mid_head_is_broken_and_before_any_byte_is_
         response = await conn.read_head()
         assert await response.read() == b"abc"
         conn.connection_lost(ConnectionResetError("reset"))
-        with pytest.raises(BrokenResponse):
+        with pytest.raises(ResponseCut):
             await response.read()
 
         conn, _ = fake_connection(pool)  # framed by close: a reset is not a clean end
         conn.data_received(b"HTTP/1.1 200 OK\r\n\r\npartial")
         response = await conn.read_head()
         conn.connection_lost(ConnectionResetError("reset"))
-        with pytest.raises(BrokenResponse):
+        with pytest.raises(ResponseCut):
             await response.read_all()
 
         conn, _ = fake_connection(pool)
         conn.data_received(b"HTTP/1.1 200 OK\r\n")
         conn.connection_lost(None)
-        with pytest.raises(BrokenResponse):
+        with pytest.raises(ResponseCut):
             await conn.read_head()
 
         conn, _ = fake_connection(pool)
