@@ -173,8 +173,8 @@ class ControlAPI:
             return web.json_response(self.service.show(model), status=202)
         if action == "restart" and method == "POST":
             body = await _json_body(request)
-            rolling = body.get("rolling", False) if isinstance(body, dict) else None
-            if not isinstance(rolling, bool):
+            rolling = body.get("rolling", False) if isinstance(body, dict) and set(body) <= {"rolling"} else None
+            if not isinstance(rolling, bool):  # unknown fields too: an invalid request must not restart anything
                 raise InvalidInput('restart takes {"rolling": true|false}.')
             model = await self.service.restart(name, rolling)
             return web.json_response(self.service.show(model), status=202)

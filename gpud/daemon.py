@@ -111,8 +111,7 @@ class Daemon:
         api = ControlAPI(service, registry, started=self.started, socket_group=settings.socket_group)
         api.venvs = venvs
         metrics = Metrics(registry, ledger)
-        proxy = Proxy(registry, api_keys=settings.api_keys, max_body_bytes=settings.max_body_bytes,
-                      metrics=metrics, on_connect_failure=supervisor.connect_failed)
+        proxy = Proxy.from_settings(registry, settings, metrics=metrics, on_connect_failure=supervisor.connect_failed)
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -19,8 +19,8 @@ The daemon starts it with ``start_new_session=True`` and the replica's environme
   finally ``{"event": "exited", "code": int|null, "signal": "SIGKILL"|null}`` for the engine's status
   (plus ``"error": sentence`` when ARGV could not be executed: code 127);
 * on SIGTERM/SIGINT/SIGHUP/SIGQUIT, on the daemon's death, or when the engine exits by itself:
-  SIGTERM (and SIGCONT) to every descendant, SIGKILL to those left after ``--stop-timeout`` seconds,
-  reaps them all, reports, and exits with the engine's code (128+N if signal N killed it). It never exits while a
+  SIGTERM (and SIGCONT) to every descendant, SIGKILL to those left after ``--stop-timeout`` seconds
+  (at most ORPHAN_STOP_S once the daemon is gone: nobody waits for a drain then), reaps them all, reports, and exits with the engine's code (128+N if signal N killed it). It never exits while a
   descendant is left.
 
 It is a plain selectors loop rather than asyncio: it starts for every replica, so it stays small.
@@ -55,6 +55,9 @@ PR_SET_CHILD_SUBREAPER = 36
 F_SETPIPE_SZ = 1031
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 PARENT_POLL_S = 1.0  # how often getppid() is re-checked while the engine runs
+# With the daemon gone nobody waits for a drain, and no process of a replica may outlive it by more than
+# a moment (SPEC §7, "within 5 s"): the SIGTERM-to-SIGKILL grace is cut to this.
+ORPHAN_STOP_S = 2.0
 STOP_TICK_S = 0.1  # how often the tree is re-listed while stopping (new forks get signalled too)
 READ_CHUNK = 1024 * 1024
 EXIT_EXEC_FAILED = 127
@@ -110,6 +113,7 @@ class Shim:
         self.deadline = 0.0
         self.termed: set[psutil.Process] = set()
         self.kill_logged = False
+        self.orphaned = False  # the stop deadline was shortened because the daemon is gone
         self.log_error_reported = False
         self.pending_signals: list[int] = []
         self.sig_r = self.sig_w = self.log_r = -1
@@ -263,6 +267,11 @@ class Shim:
 
     def enforce(self) -> None:
         """SIGTERM each descendant once (new ones included); after the deadline, SIGKILL them all."""
+        # Checked on every tick, not only when the stop began: the daemon may die during a graceful stop,
+        # and a SIGTERM from PR_SET_PDEATHSIG can be handled before getppid() shows the new parent.
+        if not self.orphaned and self.parent_gone():
+            self.orphaned = True
+            self.deadline = min(self.deadline, time.monotonic() + ORPHAN_STOP_S)
         try:
             procs = self.me.children(recursive=True)
         except psutil.Error:
@@ -270,7 +279,8 @@ class Shim:
         kill = time.monotonic() >= self.deadline
         if kill and procs and not self.kill_logged:
             self.kill_logged = True
-            self.note(f"sending SIGKILL to {len(procs)} process(es) still running after {self.stop_timeout:g} s")
+            self.note(f"sending SIGKILL to {len(procs)} process(es) still running after "
+                      f"{min(self.stop_timeout, ORPHAN_STOP_S) if self.orphaned else self.stop_timeout:g} s")
         for proc in procs:
             if not kill and proc in self.termed:
                 continue
