@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import http.client
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -131,6 +133,15 @@ class Daemon:
         code = self.proc.returncode
         self.proc = None
         return code
+
+
+def control_connection(daemon: Daemon) -> http.client.HTTPConnection:
+    """A raw HTTP connection to the daemon's control socket, for requests the Client would not send."""
+    conn = http.client.HTTPConnection("localhost", timeout=10)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(daemon.socket)
+    conn.sock = sock
+    return conn
 
 
 def _kill_leftovers(instance: str) -> list[int]:

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import socket
 
 import pytest
-from conftest import Daemon
+from conftest import Daemon, control_connection
 
 from gpud.api import peer_allowed
 from gpud.client import model_path
 
 
 def raw_request(daemon: Daemon, method: str, path: str, body: bytes | None = None) -> tuple[int, dict]:
-    conn = http.client.HTTPConnection("localhost", timeout=10)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(daemon.socket)
-    conn.sock = sock
+    conn = control_connection(daemon)
     try:
         conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
         resp = conn.getresponse()

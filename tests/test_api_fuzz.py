@@ -3,15 +3,13 @@ model names in paths. Never a 5xx, and an invalid request changes nothing."""
 
 from __future__ import annotations
 
-import http.client
 import json
-import socket
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote, urlencode
 
 import pytest
-from conftest import Daemon
+from conftest import Daemon, control_connection
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -28,10 +26,7 @@ FUZZ = settings(max_examples=80, deadline=None, derandomize=True, suppress_healt
 
 def call(daemon: Daemon, method: str, path: str, body: bytes | None = None) -> int:
     """The status of one request over the control socket; streamed bodies are not read (closing ends them)."""
-    conn = http.client.HTTPConnection("localhost", timeout=10)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(daemon.socket)
-    conn.sock = sock
+    conn = control_connection(daemon)
     try:
         conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
         resp = conn.getresponse()
