@@ -247,7 +247,10 @@ class ControlAPI:
         if self.venvs is None:
             return web.json_response({"venvs": []})
         # Reads a few small files per venv (or measures one built a moment ago): off the event loop.
-        return web.json_response({"venvs": await asyncio.to_thread(self.venvs.list_json, self.registry)})
+        # Who uses which venv is read here, on the loop; the file reads (and a first size measurement) run in a
+        # thread, which must not touch the registry while the loop changes it.
+        users = self.venvs.users(self.registry)
+        return web.json_response({"venvs": await asyncio.to_thread(self.venvs.list_json, users)})
 
     async def prune_venvs(self, request: web.Request) -> web.Response:
         if self.venvs is None:

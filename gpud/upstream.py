@@ -220,7 +220,9 @@ class Connection(asyncio.Protocol):
             await self._wait()
 
     def finish(self) -> None:
-        if not (self._complete and self._keep_alive and self._error is None and not self.closed):
+        # Pooled only when the whole body was consumed: unread bytes would become the start of the next
+        # client's response (a slow client that leaves after the replica finished leaves them behind).
+        if self._chunks or not (self._complete and self._keep_alive and self._error is None and not self.closed):
             self.abort()
             return
         self._state = _IDLE
@@ -302,7 +304,8 @@ class Connection(asyncio.Protocol):
                 te = f"{te},{value}" if te else value
             elif lower == "connection":
                 conn = f"{conn},{value}" if conn else value
-        if len(lengths) > 1 or (lengths and not next(iter(lengths)).isdigit()):
+        # isascii(): str.isdigit() also accepts digits such as "²" that int() refuses.
+        if len(lengths) > 1 or any(not (v.isascii() and v.isdigit()) for v in lengths):
             self._broken("an invalid Content-Length")
             return
         if lengths:

@@ -205,8 +205,10 @@ class VenvStore:
                 elif event["gpud"] == "error":
                     error = str(event.get("message"))
             rc = await proc.wait()
-        except asyncio.CancelledError:
-            # The model stopped or the daemon shuts down: the builder removes its temp dir on SIGTERM.
+        except BaseException:
+            # The model stopped, the daemon shuts down, or reading its output failed (an overlong line, an
+            # error in on_line): never leave a builder behind holding the key's lock. On SIGTERM it removes
+            # its temp dir.
             if proc.returncode is None:
                 proc.terminate()
                 await asyncio.shield(proc.wait())
@@ -285,7 +287,7 @@ class VenvStore:
             # Not measured yet (built a moment ago, or the daemon stopped first): rare, measure it now.
             return self.measure(key)
 
-    def _users(self, registry: Registry) -> dict[str, list[str]]:
+    def users(self, registry: Registry) -> dict[str, list[str]]:
         users: dict[str, list[str]] = {}
         for model in registry:
             if model.venv and model.venv.get("key"):
@@ -299,10 +301,10 @@ class VenvStore:
             return []
         return [e for e in entries if not e.startswith(".") and (self.root / e / META_FILE).is_file()]
 
-    def list_json(self, registry: Registry) -> list[dict[str, Any]]:
+    def list_json(self, registry: Registry | dict[str, list[str]]) -> list[dict[str, Any]]:
         """`gpud venv list`: every complete venv, with the models that use it. Reads small files only: the
         size was measured once after the build (walking a 10 GB venv on every list would stall the daemon)."""
-        users = self._users(registry)
+        users = registry if isinstance(registry, dict) else self.users(registry)
         out = []
         for key in self._complete_keys():
             path = self.path_for(key)
@@ -337,7 +339,7 @@ class VenvStore:
 
     async def prune(self, registry: Registry) -> list[str]:
         """Remove every venv no model uses and nobody is building; returns the removed paths."""
-        users = self._users(registry)
+        users = self.users(registry)
         doomed: list[tuple[str, Path]] = []
         for key in self._complete_keys():
             if key in users or key in self._active or not self._lock_free(key):

@@ -384,3 +384,21 @@ def test_a_closed_port_is_connect_failed() -> None:
             await pool.close()
 
     run(main())
+
+
+def test_a_connection_released_with_unread_body_is_not_pooled() -> None:
+    # The replica finished while the consumer (a slow client) had not read everything, and the client left:
+    # reusing this connection would start the next client's body with these leftover bytes.
+    async def main() -> tuple[bool, bool]:
+        pool = Pool(idle_timeout=5)
+        conn, transport = fake_connection(pool)
+        conn.data_received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        response = await conn.read_head()
+        assert await response.read() == b"first"
+        conn.data_received(b"6\r\nsecond\r\n0\r\n\r\n")  # complete, but "second" is never read
+        response.release()
+        await asyncio.sleep(0)
+        return transport.aborted, pool._idle.get(1) == [conn]
+
+    aborted, pooled = run(main())
+    assert aborted and not pooled
