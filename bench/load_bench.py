@@ -30,8 +30,6 @@ import platform
 import re
 import resource
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,13 +44,9 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gpud.client import Client  # noqa: E402 - after the path setup above
+from benchdaemon import running_daemon  # noqa: E402 - after the path setup above
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from gpud.client import Client  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -66,37 +60,8 @@ def percentile(values: list[float], q: float) -> float:
 @contextlib.contextmanager
 def daemon(workdir: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, int]]:
     """A gpud daemon on 2 simulated 80 GiB GPUs; yields (process, socket path, proxy port)."""
-    sock = str(workdir / "gpud.sock")
-    port = free_port()
-    config = workdir / "gpud.toml"
-    config.write_text("")
-    log = open(workdir / "daemon.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gpud", "daemon", "--config", str(config), "--gpus", "sim:2x80GiB",
-         "--socket", sock, "--state-dir", str(workdir / "state"), "--listen", f"127.0.0.1:{port}"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-    )
-    try:
-        client = Client(sock, timeout=5)
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"the daemon exited with code {proc.returncode}; see {workdir / 'daemon.log'}")
-            with contextlib.suppress(Exception):
-                client.request("GET", "/v1/status")
-                break
-            if time.monotonic() > deadline:
-                raise SystemExit("the daemon did not answer within 30 s")
-            time.sleep(0.1)
-        yield proc, sock, port
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    with running_daemon(workdir, "sim:2x80GiB") as d:
+        yield d.proc, d.socket, d.port
 
 
 def cli_latency(sock: str) -> float:

@@ -273,16 +273,16 @@ async def sse_client(ports: list[int], streams: int, duration: float, warmup: fl
     return rate
 
 
-def sse(ports: list[int], streams: int, duration: float) -> float:
-    """Run the SSE client in its own process (uvloop), so the bench's own loop does not share its core."""
-    out = subprocess.run(
-        [sys.executable, __file__, "--sse-client", str(streams), str(duration), *map(str, ports)],
-        cwd=ROOT,
-        check=True,
-        stdout=subprocess.PIPE,
-        text=True,
-    ).stdout
+def _client_process(*args: str) -> float:
+    """Run one of this script's client modes in its own process (uvloop), so the bench's own loop does not
+    share its core; the mode prints its figure on its last line."""
+    out = subprocess.run([sys.executable, __file__, *args], cwd=ROOT, check=True, stdout=subprocess.PIPE,
+                         text=True).stdout
     return float(out.strip().splitlines()[-1])
+
+
+def sse(ports: list[int], streams: int, duration: float) -> float:
+    return _client_process("--sse-client", str(streams), str(duration), *map(str, ports))
 
 
 # -- balancing quality -------------------------------------------------------------------------------------
@@ -323,14 +323,7 @@ async def balance_client(port: int, rate: float, duration: float, seed: int) -> 
 
 
 def balance(port: int, rate: float, duration: float) -> float:
-    out = subprocess.run(
-        [sys.executable, __file__, "--balance-client", str(port), str(rate), str(duration)],
-        cwd=ROOT,
-        check=True,
-        stdout=subprocess.PIPE,
-        text=True,
-    ).stdout
-    return float(out.strip().splitlines()[-1])
+    return _client_process("--balance-client", str(port), str(rate), str(duration))
 
 
 # -- internal modes ----------------------------------------------------------------------------------------

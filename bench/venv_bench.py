@@ -21,7 +21,6 @@ import contextlib
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -33,8 +32,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the bench runs from a checkout, where gpud may not be installed
 
+from benchdaemon import running_daemon  # noqa: E402
+
 from gpud.client import Client  # noqa: E402
-from gpud.supervisor import free_port  # noqa: E402
 from gpud.venvkey import uv_args  # noqa: E402
 from gpud.venvs import VenvStore, find_uv  # noqa: E402
 
@@ -50,31 +50,8 @@ def median_ms(samples: list[float]) -> float:
 
 @contextlib.contextmanager
 def daemon(tmp: Path) -> Iterator[Client]:
-    sock = tmp / "gpud.sock"
-    (tmp / "gpud.toml").write_text(CONFIG)
-    log = open(tmp / "daemon.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gpud", "daemon", "--config", str(tmp / "gpud.toml"), "--gpus", "sim:1x80GiB",
-         "--socket", str(sock), "--state-dir", str(tmp / "state"), "--listen", f"127.0.0.1:{free_port(set())}"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-    )
-    client = Client(str(sock), timeout=30)
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"the daemon exited: {(tmp / 'daemon.log').read_text()}")
-            with contextlib.suppress(Exception):
-                client.request("GET", "/v1/status")
-                break
-            if time.monotonic() > deadline:
-                raise SystemExit("the daemon did not answer within 20 s")
-            time.sleep(0.05)
-        yield client
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
-        log.close()
+    with running_daemon(tmp, "sim:1x80GiB", CONFIG, timeout=20) as d:
+        yield d.client
 
 
 def timed_start(client: Client, body: dict[str, object]) -> float:
