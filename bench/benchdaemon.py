@@ -14,8 +14,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gpud.client import Client  # noqa: E402 - after the path setup above
-from gpud.supervisor import free_port  # noqa: E402
+from gpud.cli.client import Client  # noqa: E402 - after the path setup above
+from gpud.supervise.supervisor import free_port  # noqa: E402
 
 
 @dataclass

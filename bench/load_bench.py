@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchdaemon import running_daemon  # noqa: E402 - after the path setup above
 
-from gpud.client import Client  # noqa: E402
+from gpud.cli.client import Client  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -2,7 +2,7 @@
 
 Run from the repository root:  .venv/bin/python bench/placement_bench.py [--repeats N]
 
-For every scenario it times `gpud.placement.place` (median and max over repeats) and, where the instance is
+For every scenario it times `gpud.gpus.placement.place` (median and max over repeats) and, where the instance is
 small enough, an exhaustive search that tries every multiset of K-GPU sets (the reference the exact
 algorithm must agree with). Targets: under 10 ms typical, under 100 ms worst case.
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gpud.errors import DoesNotFit  # noqa: E402
-from gpud.placement import GpuView, PlacementRequest, place  # noqa: E402
+from gpud.gpus.placement import GpuView, PlacementRequest, place  # noqa: E402
 
 GiB = 2**30
 MiB = 2**20

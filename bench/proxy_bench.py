@@ -3,7 +3,7 @@
     .venv/bin/python bench/proxy_bench.py [--duration 5] [--rounds 3] [--connections 64] [--streams 64]
                                           [--nginx-workers auto] [--write docs/benchmarks.md]
 
-What it measures, on sim replicas (`python -m gpud.simserver`, no GPU needed):
+What it measures, on sim replicas (`python -m gpud.sim.server`, no GPU needed):
 
 1. Small-request throughput: `wrk` POSTs a one-token completion (model named in the JSON body, as OpenAI
    clients do) to 3 replicas that answer at once (`--ttft-ms 0`), for each of
@@ -102,7 +102,7 @@ def start_sims(procs: list[subprocess.Popen[bytes]], n: int, *args: str) -> list
             [
                 sys.executable,
                 "-m",
-                "gpud.simserver",
+                "gpud.sim.server",
                 "--host",
                 "127.0.0.1",
                 "--port",
@@ -331,8 +331,8 @@ def balance(port: int, rate: float, duration: float) -> float:
 
 def serve_proxy(port: int, backends: list[int]) -> None:
     """The proxy as `gpud daemon` runs it: registry of READY replicas, metrics on, uvloop."""
-    from gpud.metrics import Metrics
-    from gpud.proxy import Proxy
+    from gpud.proxy.metrics import Metrics
+    from gpud.proxy.server import Proxy
     from gpud.registry import Model, Registry, Replica, ReplicaState
     from gpud.spec import ModelSpec
 

@@ -34,9 +34,9 @@ sys.path.insert(0, str(ROOT))  # the bench runs from a checkout, where gpud may 
 
 from benchdaemon import running_daemon  # noqa: E402
 
-from gpud.client import Client  # noqa: E402
-from gpud.venvkey import uv_args  # noqa: E402
-from gpud.venvs import VenvStore, find_uv  # noqa: E402
+from gpud.cli.client import Client  # noqa: E402
+from gpud.venv.key import uv_args  # noqa: E402
+from gpud.venv.store import VenvStore, find_uv  # noqa: E402
 
 CONFIG = "[supervisor]\nhealth_interval_sec = 0.3\nstop_timeout_sec = 5\ndrain_timeout_sec = 1\n"
 

@@ -18,19 +18,19 @@ import sys
 import time
 from pathlib import Path
 
-from gpud import procs
 from gpud.config import Settings, load_settings
+from gpud.control.service import ModelService
+from gpud.control.state import StateStore
 from gpud.errors import GpudError
 from gpud.gpus import open_backend
 from gpud.gpus.base import GpuBackend
-from gpud.ledger import Ledger
+from gpud.gpus.ledger import Ledger
 from gpud.registry import Registry
 from gpud.sdnotify import Notifier
-from gpud.service import ModelService
 from gpud.spec import ModelSpec
-from gpud.state import StateStore
-from gpud.supervisor import INSTANCE_ENV, Supervisor
-from gpud.venvs import VenvStore
+from gpud.supervise import procs
+from gpud.supervise.supervisor import INSTANCE_ENV, Supervisor
+from gpud.venv.store import VenvStore
 
 log = logging.getLogger("gpud")
 
@@ -88,9 +88,9 @@ class Daemon:
         self._stop = asyncio.Event()
 
     async def serve(self) -> int:
-        from gpud.api import ControlAPI, serve_unix
-        from gpud.metrics import Metrics
-        from gpud.proxy import Proxy
+        from gpud.control.api import ControlAPI, serve_unix
+        from gpud.proxy.metrics import Metrics
+        from gpud.proxy.server import Proxy
 
         settings = self.settings
         settings.state_dir.mkdir(parents=True, exist_ok=True)

@@ -175,7 +175,7 @@ class ModelSpec:
         packages = _str_list(venv or {}, "packages")
         if packages:
             # Refuse a bad requirement now (exit 2 / 422, nothing left behind), not when the build starts.
-            from gpud.venvkey import normalize_requirements
+            from gpud.venv.key import normalize_requirements
 
             normalize_requirements(packages)
         command = body.get("command")

@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 
-from gpud import procs
-from gpud.client import Client, model_path
+from gpud.cli.client import Client, model_path
 from gpud.daemon import instance_id
 from gpud.errors import GpudError
-from gpud.supervisor import INSTANCE_ENV, free_port
+from gpud.supervise import procs
+from gpud.supervise.supervisor import INSTANCE_ENV, free_port
 
 # Fast supervision timings so that failures and restarts show within a test's patience.
 FAST_CONFIG = """

@@ -9,8 +9,8 @@ import socket
 import pytest
 from conftest import Daemon, control_connection
 
-from gpud.api import peer_allowed
-from gpud.client import model_path
+from gpud.cli.client import model_path
+from gpud.control.api import peer_allowed
 
 
 def raw_request(daemon: Daemon, method: str, path: str, body: bytes | None = None) -> tuple[int, dict]:

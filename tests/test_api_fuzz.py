@@ -13,7 +13,7 @@ from conftest import Daemon, control_connection
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from gpud.client import model_path
+from gpud.cli.client import model_path
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True) | st.text(max_size=12),

@@ -1,4 +1,4 @@
-"""gpud.balancer.choose: least in-flight among ready replicas, ties rotating in index order (pure)."""
+"""gpud.proxy.balancer.choose: least in-flight among ready replicas, ties rotating in index order (pure)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections import Counter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpud.balancer import choose
+from gpud.proxy.balancer import choose
 from gpud.registry import Model, Replica, ReplicaState
 from gpud.spec import ModelSpec
 

@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from gpud import cli, render
+from gpud.cli import main as cli
+from gpud.cli import render
 
 NO_DAEMON = "/nonexistent/gpud.sock"
 

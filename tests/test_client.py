@@ -21,8 +21,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from gpud import cli
-from gpud.client import Client, StreamTimeout, model_path
+from gpud.cli.client import Client, StreamTimeout, model_path
+from gpud.cli import main as cli
 from gpud.errors import Conflict, DaemonUnreachable, DoesNotFit, GpudError, InvalidInput, NotFound
 
 
@@ -416,7 +416,7 @@ def test_plan_through_the_daemon(fake: FakeDaemon, capsys: pytest.CaptureFixture
 
 
 def test_is_busy_falls_back_to_replica_states_without_the_busy_key() -> None:
-    from gpud.client import is_busy
+    from gpud.cli.client import is_busy
 
     assert is_busy(show("m", "running", [replica(0, "ready")], busy=True)) is True
     legacy = show("m", "starting", [replica(0, "ready"), replica(1, "starting")], busy=False)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import Daemon, wait_until
 
-from gpud.client import model_path
+from gpud.cli.client import model_path
 from gpud.errors import Conflict, DoesNotFit, InvalidInput, NotFound
 
 GiB = 2**30
@@ -167,7 +167,7 @@ def test_restart_clears_a_failed_replica(make_daemon, tmp_path: Path) -> None:
         "import os, sys, runpy\n"
         f"if os.path.exists({str(flag)!r}): sys.exit(4)\n"
         "sys.argv = ['simserver', *sys.argv[1:]]\n"
-        "runpy.run_module('gpud.simserver', run_name='__main__')\n"
+        "runpy.run_module('gpud.sim.server', run_name='__main__')\n"
     )
     import sys as _sys
     template = f"{_sys.executable} {wrapper} --host {{host}} --port {{port}} --startup-s 0"

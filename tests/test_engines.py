@@ -175,7 +175,7 @@ def test_sim_argv_exact() -> None:
         argv=[
             "/venv/bin/python",
             "-m",
-            "gpud.simserver",
+            "gpud.sim.server",
             "--host",
             "127.0.0.1",
             "--port",

@@ -105,7 +105,7 @@ def sim_wrapper(tmp: Path, prelude: str) -> str:
     wrapper.write_text(
         "import os, sys, runpy, signal, subprocess, time\n"
         + prelude
-        + "\nsys.argv = ['simserver', *sys.argv[1:]]\nrunpy.run_module('gpud.simserver', run_name='__main__')\n"
+        + "\nsys.argv = ['simserver', *sys.argv[1:]]\nrunpy.run_module('gpud.sim.server', run_name='__main__')\n"
     )
     return f"{sys.executable} {wrapper} --host {{host}} --port {{port}} --startup-s 0.05"
 

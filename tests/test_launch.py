@@ -1,4 +1,4 @@
-"""The real shim (python -m gpud.launch) with small Python engines: events, exit codes, logs, and
+"""The real shim (python -m gpud.supervise.shim) with small Python engines: events, exit codes, logs, and
 above all that no process of a replica's tree survives the shim or a SIGKILLed daemon."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import psutil
 import pytest
 from conftest import wait_until
 
-from gpud.logs import tail
-from gpud.procs import alive
+from gpud.supervise.logs import tail
+from gpud.supervise.procs import alive
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,7 +80,7 @@ DAEMON = r'''
 import os, subprocess, sys, time
 pids, log, mode = sys.argv[1], sys.argv[2], sys.argv[3]
 shim = subprocess.Popen(
-    [sys.executable, "-m", "gpud.launch", "--log", log, "--stop-timeout", "1",
+    [sys.executable, "-m", "gpud.supervise.shim", "--log", log, "--stop-timeout", "1",
      "--parent-pid", str(os.getpid()), "--", *sys.argv[4:]],
     start_new_session=True, stdout=subprocess.PIPE)
 with open(os.path.join(pids, "shim.tmp"), "w") as f:
@@ -109,7 +109,7 @@ class Replica:
         self.popens: list[subprocess.Popen[bytes]] = []
 
     def shim(self, *steps: str, opts: tuple[str, ...] = (), argv: list[str] | None = None) -> subprocess.Popen[bytes]:
-        cmd = [sys.executable, "-m", "gpud.launch", "--log", str(self.log), *opts, "--"]
+        cmd = [sys.executable, "-m", "gpud.supervise.shim", "--log", str(self.log), *opts, "--"]
         cmd += argv if argv is not None else [sys.executable, str(self.engine), str(self.pids_dir), *steps]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, start_new_session=True, env=self.env)
         self.popens.append(proc)
@@ -206,7 +206,7 @@ def test_exec_failure_reports_127(rep: Replica, tmp_path: Path) -> None:
 
 
 def test_bad_arguments_exit_2(rep: Replica) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "gpud.launch", "--log", str(rep.log)],
+    proc = subprocess.Popen([sys.executable, "-m", "gpud.supervise.shim", "--log", str(rep.log)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=rep.env)
     _, err = proc.communicate(timeout=15)
     assert proc.returncode == 2 and b"no command given" in err
@@ -215,7 +215,7 @@ def test_bad_arguments_exit_2(rep: Replica) -> None:
 def test_unwritable_log_is_reported(rep: Replica, tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gpud.launch", "--log", str(tmp_path / "file" / "x.log"), "--", "true"],
+        [sys.executable, "-m", "gpud.supervise.shim", "--log", str(tmp_path / "file" / "x.log"), "--", "true"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=rep.env)
     code, events = finish(proc)
     assert code == 1 and events[0]["event"] == "exited" and "log file" in str(events[0]["error"])

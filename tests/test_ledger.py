@@ -8,9 +8,9 @@ from hypothesis import strategies as st
 
 from gpud.errors import Conflict, DoesNotFit, NotFound
 from gpud.gpus.base import GpuProcess
+from gpud.gpus.ledger import DEFAULT_HEADROOM, Ledger, Reservation
+from gpud.gpus.placement import GpuView
 from gpud.gpus.sim import SimBackend, parse_sim_spec
-from gpud.ledger import DEFAULT_HEADROOM, Ledger, Reservation
-from gpud.placement import GpuView
 
 GiB = 2**30
 MiB = 2**20

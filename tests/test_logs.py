@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gpud.errors import InvalidInput
-from gpud.logs import RotatingWriter, escape_name, follow, log_path, tail
+from gpud.supervise.logs import RotatingWriter, escape_name, follow, log_path, tail
 
 
 def contents(path: Path) -> list[bytes]:

@@ -1,4 +1,4 @@
-"""gpud.metrics: proxy series; registry and ledger state read at scrape time; private registry."""
+"""gpud.proxy.metrics: proxy series; registry and ledger state read at scrape time; private registry."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from gpud.metrics import Metrics
+from gpud.proxy.metrics import Metrics
 from gpud.registry import Model, Registry, Replica, ReplicaState
 from gpud.spec import ModelSpec
 

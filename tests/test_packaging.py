@@ -24,10 +24,11 @@ from pathlib import Path
 import pytest
 from conftest import wait_until
 
-from gpud import __version__, procs
+from gpud import __version__
 from gpud.config import Settings, load_settings
 from gpud.daemon import instance_id
-from gpud.supervisor import INSTANCE_ENV, free_port
+from gpud.supervise import procs
+from gpud.supervise.supervisor import INSTANCE_ENV, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "packaging" / "gpud.toml"
@@ -134,7 +135,7 @@ def test_the_package_holds_the_venv_the_command_the_unit_and_a_conffile(deb: Pat
     assert "/opt/gpud" in cfg and "gpud-deb." not in cfg
     assert (unpacked / "opt/gpud/bin/pip").read_text().startswith("#!/opt/gpud/bin/python")
     # Bytecode is shipped (/opt is read-only for the service) and names the installed paths.
-    pycs = list((unpacked / "opt/gpud/lib").glob("python3*/site-packages/gpud/__pycache__/cli.*.pyc"))
+    pycs = list((unpacked / "opt/gpud/lib").glob("python3*/site-packages/gpud/cli/__pycache__/main.*.pyc"))
     assert pycs and b"/opt/gpud/lib/" in pycs[0].read_bytes() and b"gpud-deb." not in pycs[0].read_bytes()
 
 

@@ -1,6 +1,6 @@
 """Placement: SPEC §4 examples, refusal messages, invalid requests, and hypothesis checks against brute force.
 
-The brute force here shares nothing with gpud.placement but the dataclasses: it applies the SPEC rules to
+The brute force here shares nothing with gpud.gpus.placement but the dataclasses: it applies the SPEC rules to
 per-GPU replica counts directly and searches every assignment exhaustively.
 """
 
@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gpud.errors import DoesNotFit, InvalidInput
-from gpud.placement import (
+from gpud.gpus.placement import (
     GpuView,
     PlacementRequest,
     ReplicaPlacement,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gpud.policy import RestartPolicy, StartLimit
+from gpud.supervise.policy import RestartPolicy, StartLimit
 
 
 def test_which_exits_restart() -> None:

@@ -14,7 +14,7 @@ import psutil
 import pytest
 from conftest import wait_until
 
-from gpud.procs import alive, describe_exit, find_orphans, kill_tree, signal_name, tree_pids
+from gpud.supervise.procs import alive, describe_exit, find_orphans, kill_tree, signal_name, tree_pids
 
 # Three generations: root -> child -> grandchild, each recording its pid, all sleeping.
 TREE = r'''

@@ -1,4 +1,4 @@
-"""gpud.proxy against real sim replicas (subprocesses) and an in-process echo upstream, over real sockets."""
+"""gpud.proxy.server against real sim replicas (subprocesses) and an in-process echo upstream, over real sockets."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ import pytest
 from aiohttp import web
 
 from gpud.errors import GpudError
-from gpud.metrics import Metrics
-from gpud.proxy import Proxy
+from gpud.proxy.metrics import Metrics
+from gpud.proxy.server import Proxy
 from gpud.registry import Model, Registry, Replica, ReplicaState
 from gpud.spec import ModelSpec
 
@@ -37,14 +37,14 @@ COMPLETION = {"model": "m", "prompt": "hi", "max_tokens": 1}
 
 
 class Sim:
-    """One `python -m gpud.simserver` on a port the kernel picked."""
+    """One `python -m gpud.sim.server` on a port the kernel picked."""
 
     def __init__(self, *args: str) -> None:
         self.proc = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
-                "gpud.simserver",
+                "gpud.sim.server",
                 "--host",
                 "127.0.0.1",
                 "--port",

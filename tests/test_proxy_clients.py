@@ -26,9 +26,9 @@ from conftest import wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gpud.clientguard import auto_max_connections
-from gpud.metrics import Metrics
-from gpud.proxy import Proxy
+from gpud.proxy.guard import auto_max_connections
+from gpud.proxy.metrics import Metrics
+from gpud.proxy.server import Proxy
 from gpud.registry import Model, Registry, Replica, ReplicaState
 from gpud.spec import ModelSpec
 

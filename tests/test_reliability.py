@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from gpud.errors import GpudError, InvalidInput
 from gpud.spec import ModelSpec
-from gpud.supervisor import INSTANCE_ENV
+from gpud.supervise.supervisor import INSTANCE_ENV
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True) | st.text(max_size=20),

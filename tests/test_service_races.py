@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 from conftest import Daemon, wait_until
 
-from gpud.client import model_path
+from gpud.cli.client import model_path
 from gpud.errors import GpudError
 
 SLOW = ["--startup-s", "30"]
 
 
 def launch_shims(daemon: Daemon) -> list[int]:
-    return [p for p in daemon.replica_pids() if b"gpud.launch" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    return [p for p in daemon.replica_pids() if b"gpud.supervise.shim" in Path(f"/proc/{p}/cmdline").read_bytes()]
 
 
 def test_a_second_daemon_on_the_same_state_dir_leaves_the_first_ones_replicas_alone(make_daemon) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gpud import simapi
+from gpud.sim import api as simapi
 
 DEADLINE_S = 10.0
 
@@ -34,7 +34,7 @@ class Sim:
 def _start(*args: str, env: dict[str, str] | None = None) -> Sim:
     """Start a sim server on a port the kernel picks and wait for its 'listening' line."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gpud.simserver", "--port", "0", *args],
+        [sys.executable, "-m", "gpud.sim.server", "--port", "0", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env={**os.environ, **(env or {})},
@@ -355,7 +355,7 @@ def test_models_and_metrics(sim: Sim) -> None:
 
 def test_fail_at_start_exits_3() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "gpud.simserver", "--port", "0"],
+        [sys.executable, "-m", "gpud.sim.server", "--port", "0"],
         env={**os.environ, "GPUD_SIM_FAIL_AT_START": "1"},
         capture_output=True,
         timeout=DEADLINE_S,

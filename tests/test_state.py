@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from gpud.control.state import StateStore
 from gpud.spec import ModelSpec
-from gpud.state import StateStore
 
 
 def test_round_trip(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import urllib.request
 
 from conftest import Daemon, wait_until
 
-from gpud.client import model_path
+from gpud.cli.client import model_path
 
 
 def test_a_frozen_replica_fails_health_checks_and_is_restarted(daemon: Daemon) -> None:

@@ -1,4 +1,4 @@
-"""gpud.upstream: the proxy's HTTP/1.1 client — framing, keep-alive reuse, flow control, timeouts, errors."""
+"""gpud.proxy.upstream: the proxy's HTTP/1.1 client — framing, keep-alive reuse, flow control, timeouts, errors."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from gpud.upstream import (
+from gpud.proxy.upstream import (
     HIGH_WATER,
     BrokenResponse,
     ConnectFailed,

@@ -21,8 +21,8 @@ import pytest
 from gpud.errors import InvalidInput
 from gpud.registry import Model, Registry
 from gpud.spec import ModelSpec
-from gpud.venvbuild import META_FILE, relocate
-from gpud.venvkey import (
+from gpud.venv.build import META_FILE, relocate
+from gpud.venv.key import (
     Interpreter,
     index_settings,
     normalize_requirement,
@@ -30,7 +30,7 @@ from gpud.venvkey import (
     uv_args,
     venv_key,
 )
-from gpud.venvs import VenvBuildFailed, VenvStore
+from gpud.venv.store import VenvBuildFailed, VenvStore
 from tests.conftest import Daemon, wait_until
 
 INTERP = Interpreter("/usr/bin/python3", "cpython-3.11.7", ("/site",))
@@ -255,7 +255,7 @@ def stalling_proxy() -> Iterator[StallingProxy]:
 
 def builder_pids() -> list[int]:
     return [p.pid for p in psutil.Process().children(recursive=True)
-            if "gpud.venvbuild" in " ".join(p.cmdline())]
+            if "gpud.venv.build" in " ".join(p.cmdline())]
 
 
 def processes_naming(text: str) -> list[int]:

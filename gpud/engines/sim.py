@@ -1,4 +1,4 @@
-"""The `sim` engine: gpud's own simulated OpenAI-compatible server (`python -m gpud.simserver`)."""
+"""The `sim` engine: gpud's own simulated OpenAI-compatible server (`python -m gpud.sim.server`)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ START_TIMEOUT_SEC = 30.0
 HEALTH_PATH = "/health"
 
 # The engine args a user may give, and whether each takes whole numbers only. Kept in step with the
-# argument parser of gpud.simserver, which would otherwise fail at spawn time with a usage message.
+# argument parser of gpud.sim.server, which would otherwise fail at spawn time with a usage message.
 SIM_FLAGS: dict[str, bool] = {
     "--startup-s": False,
     "--ttft-ms": False,
@@ -59,11 +59,11 @@ def validate(args: Sequence[str], command: str | None) -> None:
 
 
 def build(ctx: EngineContext) -> LaunchPlan:
-    """`PYTHON -m gpud.simserver --host H --port P --served-model-name N ARGS…` on the model's interpreter."""
+    """`PYTHON -m gpud.sim.server --host H --port P --served-model-name N ARGS…` on the model's interpreter."""
     argv = [
         ctx.python,
         "-m",
-        "gpud.simserver",
+        "gpud.sim.server",
         "--host",
         ctx.host,
         "--port",

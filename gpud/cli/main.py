@@ -1,6 +1,6 @@
 """The `gpud` command line (SPEC §5): argument parsing, client-side checks, waiting with progress, output.
 
-It talks to the daemon only through gpud.client and formats only through gpud.render. Read commands must
+It talks to the daemon only through gpud.cli.client and formats only through gpud.cli.render. Read commands must
 feel instant, so nothing heavy is imported at module level: the daemon (`gpud daemon`) and the placement
 modules (`gpud plan --gpus`) are imported only by the commands that need them.
 
@@ -17,8 +17,9 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from gpud import __version__, render
-from gpud.client import Client, StreamTimeout, model_path
+from gpud import __version__
+from gpud.cli import render
+from gpud.cli.client import Client, StreamTimeout, model_path
 from gpud.config import default_socket_path, parse_bool
 from gpud.errors import DaemonUnreachable, DoesNotFit, GpudError, InvalidInput
 from gpud.spec import (
@@ -424,8 +425,8 @@ def cmd_logs(ns: argparse.Namespace) -> int:
 def local_plan(spec: str, fields: Mapping[str, Any], headroom_bytes: int, multi_replica: bool) -> dict[str, Any]:
     """Place on the GPUs a spec names, in this process: no daemon involved."""
     from gpud.gpus import open_backend
-    from gpud.ledger import Ledger
-    from gpud.placement import PlacementRequest, place, plan_json
+    from gpud.gpus.ledger import Ledger
+    from gpud.gpus.placement import PlacementRequest, place, plan_json
 
     backend = open_backend(spec)
     try:

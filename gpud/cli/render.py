@@ -12,7 +12,7 @@ from typing import Any
 
 from gpud.units import format_size
 
-# Kept here rather than imported from gpud.procs: that module imports psutil at its top, which would
+# Kept here rather than imported from gpud.supervise.procs: that module imports psutil at its top, which would
 # add ~20 ms to every CLI command. The phrases match procs.describe_exit for the common cases.
 _SIGNAL_TEXT = {
     "SIGKILL": "killed by SIGKILL (out of memory? stopped by another program?)",

@@ -1,6 +1,6 @@
 """The per-replica parent shim: runs one engine command and guarantees its whole tree dies with it.
 
-    python -m gpud.launch --log FILE [--log-max-bytes N] [--log-backups N] [--stop-timeout S]
+    python -m gpud.supervise.shim --log FILE [--log-max-bytes N] [--log-backups N] [--stop-timeout S]
                           [--parent-pid PID] -- ARGV...
 
 The daemon starts it with ``start_new_session=True`` and the replica's environment. The shim
@@ -46,8 +46,8 @@ from typing import Any
 import psutil
 
 from gpud.errors import InvalidInput
-from gpud.logs import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES, RotatingWriter
-from gpud.procs import describe_exit, signal_name
+from gpud.supervise.logs import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES, RotatingWriter
+from gpud.supervise.procs import describe_exit, signal_name
 from gpud.units import parse_size
 
 PR_SET_PDEATHSIG = 1
@@ -134,7 +134,7 @@ class Shim:
             if not self.log_error_reported:
                 self.log_error_reported = True
                 try:
-                    os.write(2, f"gpud.launch: cannot write the log {self.writer.path}: {err}\n".encode())
+                    os.write(2, f"gpud.supervise.shim: cannot write the log {self.writer.path}: {err}\n".encode())
                 except OSError:
                     pass
 
@@ -337,7 +337,7 @@ def parse_args(args: list[str]) -> tuple[argparse.Namespace, list[str]]:
     else:
         split = args.index("--")
         own, argv = args[:split], args[split + 1:]
-    parser = argparse.ArgumentParser(prog="python -m gpud.launch", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m gpud.supervise.shim", description=__doc__.splitlines()[0])
     parser.add_argument("--log", required=True, help="log file of the replica (rotated)")
     parser.add_argument("--log-max-bytes", default=str(DEFAULT_MAX_BYTES), help="size of one log file")
     parser.add_argument("--log-backups", type=int, default=DEFAULT_BACKUPS, help="rotated files kept")
@@ -395,7 +395,7 @@ def main(args: list[str] | None = None) -> int:
         # A bug in the shim must not break the promise: take the whole tree down before going.
         shim.note(f"internal error, killing every process of the replica: {err!r}")
         shim.kill_everything()
-        _emit({"event": "exited", "code": None, "signal": None, "error": f"gpud.launch failed: {err!r}"})
+        _emit({"event": "exited", "code": None, "signal": None, "error": f"gpud.supervise.shim failed: {err!r}"})
         raise
     finally:
         writer.close()

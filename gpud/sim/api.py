@@ -1,6 +1,6 @@
 """The OpenAI wire formats of gpud's sim engine: request parsing and response bodies, pure (no I/O).
 
-Kept apart from gpud.simserver (the aiohttp shell) so that the formats can be tested without a server
+Kept apart from gpud.sim.server (the aiohttp shell) so that the formats can be tested without a server
 and the server module stays about serving.
 """
 

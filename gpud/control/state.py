@@ -18,7 +18,7 @@ from typing import Any
 from gpud.errors import GpudError
 from gpud.spec import ModelSpec
 
-log = logging.getLogger("gpud.state")
+log = logging.getLogger(__name__)
 VERSION = 1
 
 

@@ -1,7 +1,7 @@
 """Replica lifecycle with systemd's semantics: start one at a time per GPU, health, restart with backoff,
 start limit, graceful stop of the whole process tree, and a reservation released only when nothing is left.
 
-Each replica has a ReplicaRunner (one asyncio task). The process it spawns is `gpud.launch`, a small parent
+Each replica has a ReplicaRunner (one asyncio task). The process it spawns is `gpud.supervise.shim`, a small parent
 shim that owns the engine's process tree (subreaper + parent-death signal), so that no process of a
 replica outlives the daemon even when the daemon is SIGKILLed.
 """
@@ -23,16 +23,16 @@ from pathlib import Path
 import aiohttp
 import psutil
 
-from gpud import procs
 from gpud.config import SupervisorSettings
 from gpud.engines import EngineContext, LaunchPlan, build_launch
-from gpud.ledger import Ledger
-from gpud.logs import log_path
-from gpud.policy import RestartPolicy, StartLimit
+from gpud.gpus.ledger import Ledger
 from gpud.registry import Model, Registry, Replica, ReplicaState
 from gpud.spec import merge_env
+from gpud.supervise import procs
+from gpud.supervise.logs import log_path
+from gpud.supervise.policy import RestartPolicy, StartLimit
 
-log = logging.getLogger("gpud.supervisor")
+log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 INSTANCE_ENV = "GPUD_INSTANCE"  # marks every replica process with the daemon that owns it (orphan search)
@@ -194,7 +194,7 @@ class ReplicaRunner:
         path.parent.mkdir(parents=True, exist_ok=True)
         env = self.sup.replica_env(self.model, replica)
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gpud.launch", "--log", str(path),
+            sys.executable, "-m", "gpud.supervise.shim", "--log", str(path),
             "--stop-timeout", f"{self.sup.settings.stop_timeout_sec:g}", "--parent-pid", str(os.getpid()),
             "--", *plan.argv,
             env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,

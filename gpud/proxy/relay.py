@@ -14,13 +14,13 @@ import time
 
 from aiohttp import web
 
-from gpud.clientguard import Stall
-from gpud.metrics import Series
-from gpud.proxymsg import response_headers, sse_error_event
+from gpud.proxy.guard import Stall
+from gpud.proxy.message import response_headers, sse_error_event
+from gpud.proxy.metrics import Series
+from gpud.proxy.upstream import BrokenResponse, Response, UpstreamTimeout
 from gpud.registry import Replica
-from gpud.upstream import BrokenResponse, Response, UpstreamTimeout
 
-log = logging.getLogger("gpud.proxy")
+log = logging.getLogger(__name__)
 
 
 async def relay(

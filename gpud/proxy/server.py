@@ -1,19 +1,19 @@
 """The OpenAI-compatible reverse proxy in front of every model's replicas (SPEC §9).
 
 A request is routed by its `X-Gpud-Model` header, else by the `"model"` of its JSON body (parsed only when the
-header is absent), to the ready replica with the fewest in-flight requests (`gpud.balancer.choose`). The
+header is absent), to the ready replica with the fewest in-flight requests (`gpud.proxy.balancer.choose`). The
 registry is read directly on every request: same process, no polling, no second copy of the state.
 
 Performance matters (it is benchmarked against nginx): the hop to the replicas goes through one shared
-keep-alive pool of gpud.upstream (a lean HTTP/1.1 client: aiohttp's generic ClientSession cost ~40 % of the
+keep-alive pool of gpud.proxy.upstream (a lean HTTP/1.1 client: aiohttp's generic ClientSession cost ~40 % of the
 proxy's CPU), the request head is assembled from the raw header bytes, small responses are sent in one
 write, and nothing is decoded that does not have to be. Streams (SSE, chunked) are forwarded chunk by chunk
 as they arrive, awaiting each client write (backpressure), with an idle read timeout instead of a total
-one (gpud.relay; the HTTP message rules are in gpud.proxymsg). `start()` runs the server with handler
+one (gpud.proxy.relay; the HTTP message rules are in gpud.proxy.message). `start()` runs the server with handler
 cancellation on, so a client that goes away cancels its handler at once, which closes the connection to the
 replica, which then stops generating.
 
-Slow and stuck clients (gpud.clientguard): a request head must arrive within `client_timeout_sec`, a body
+Slow and stuck clients (gpud.proxy.guard): a request head must arrive within `client_timeout_sec`, a body
 must keep coming, and a client must keep reading what it asked for, else its connection is cut; above
 `max_connections` new connections get a 503.
 
@@ -39,19 +39,18 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from gpud.balancer import choose
-from gpud.clientguard import Listener, ServerLog, Stall
 from gpud.errors import GpudError
-from gpud.metrics import Metrics
-from gpud.proxymsg import (
+from gpud.proxy.balancer import choose
+from gpud.proxy.guard import Listener, ServerLog, Stall
+from gpud.proxy.message import (
     MODEL_HEADER,
     error_response,
     model_from_body,
     upstream_head_tail,
 )
-from gpud.registry import Model, Registry, Replica
-from gpud.relay import NullSeries, relay
-from gpud.upstream import (
+from gpud.proxy.metrics import Metrics
+from gpud.proxy.relay import NullSeries, relay
+from gpud.proxy.upstream import (
     BrokenResponse,
     ConnectFailed,
     NoResponse,
@@ -59,6 +58,7 @@ from gpud.upstream import (
     ResponseCut,
     UpstreamTimeout,
 )
+from gpud.registry import Model, Registry, Replica
 
 if TYPE_CHECKING:
     from gpud.config import Settings

@@ -1,4 +1,4 @@
-"""The venv builder: a short-lived process that builds one venv key, started by `gpud.venvs.VenvStore`.
+"""The venv builder: a short-lived process that builds one venv key, started by `gpud.venv.store.VenvStore`.
 
 Protocol with the daemon: one JSON object per line on stdout: `{"gpud": "line", "line"}` for progress (our
 phases, and the installer's output with `"output": true`), `{"gpud": "error", "message"}` before a failing
@@ -289,5 +289,5 @@ def main(argv: list[str]) -> int:
     return 1
 
 
-if __name__ == "__main__":  # pragma: no cover - started by gpud.venvs
+if __name__ == "__main__":  # pragma: no cover - started by gpud.venv.store
     sys.exit(main(sys.argv[1:]))

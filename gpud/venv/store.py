@@ -4,10 +4,10 @@ A venv is identified by a key: the hash of a layout version, the interpreter (pa
 package dirs layered beneath it), the normalized requirement set and the index settings that change what gets
 installed. Same key → same directory `STATE_DIR/venvs/<key>/`, shared by every model and replica that asks.
 
-The key is computed in `gpud.venvkey` (pure). This module is `VenvStore`, the daemon's side: resolve a
-key to a ready venv (building it through `gpud.venvbuild` in a subprocess, so the
+The key is computed in `gpud.venv.key` (pure). This module is `VenvStore`, the daemon's side: resolve a
+key to a ready venv (building it through `gpud.venv.build` in a subprocess, so the
 event loop never blocks and a build can be killed cleanly), list the cached ones and prune unused ones.
-The build protocol itself (file lock, temp dir, completion marker, rename) lives in `gpud.venvbuild`.
+The build protocol itself (file lock, temp dir, completion marker, rename) lives in `gpud.venv.build`.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from typing import Any
 import gpud
 from gpud.errors import GpudError
 from gpud.registry import Model, Registry
-from gpud.venvbuild import LAST_USED_FILE, META_FILE, SIZE_FILE
-from gpud.venvkey import (
+from gpud.venv.build import LAST_USED_FILE, META_FILE, SIZE_FILE
+from gpud.venv.key import (
     Interpreter,
     current_interpreter,
     index_settings,
@@ -173,7 +173,7 @@ class VenvStore:
         """Run the builder; True if it built the venv, False if another process had built it meanwhile."""
         self.root.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in self.env.items() if k not in ("VIRTUAL_ENV", "PYTHONHOME")}
-        bootstrap = ("import sys; sys.path.insert(0, sys.argv.pop(1)); from gpud.venvbuild import main; "
+        bootstrap = ("import sys; sys.path.insert(0, sys.argv.pop(1)); from gpud.venv.build import main; "
                      "sys.exit(main(sys.argv[1:]))")
         gpud_root = str(Path(gpud.__file__).resolve().parent.parent)
         proc = await asyncio.create_subprocess_exec(

@@ -13,15 +13,15 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from gpud.config import Settings
+from gpud.control.state import StateStore
 from gpud.errors import Conflict, DoesNotFit, GpudError, InvalidInput, NotFound, Unavailable
-from gpud.ledger import Ledger, Reservation
-from gpud.placement import PlacementRequest, ReplicaPlacement, place, plan_json, validate_request
+from gpud.gpus.ledger import Ledger, Reservation
+from gpud.gpus.placement import PlacementRequest, ReplicaPlacement, place, plan_json, validate_request
 from gpud.registry import Model, Registry, Replica, ReplicaState
 from gpud.spec import ModelSpec
-from gpud.state import StateStore
-from gpud.supervisor import Supervisor
+from gpud.supervise.supervisor import Supervisor
 
-log = logging.getLogger("gpud.service")
+log = logging.getLogger(__name__)
 
 
 def placement_request(spec: ModelSpec, replicas: int, multi_replica: bool) -> PlacementRequest:

@@ -15,7 +15,7 @@ from typing import Any
 
 from gpud.errors import Conflict, DoesNotFit, NotFound
 from gpud.gpus.base import DeviceReading, GpuBackend
-from gpud.placement import GpuView, plan_json
+from gpud.gpus.placement import GpuView, plan_json
 from gpud.units import format_size
 
 DEFAULT_HEADROOM = 512 * 2**20

@@ -25,13 +25,13 @@ from urllib.parse import unquote
 from aiohttp import web
 
 from gpud import __version__
+from gpud.control.service import ModelService
 from gpud.errors import Forbidden, GpudError, InvalidInput, NotFound
-from gpud.logs import follow, log_path, tail
 from gpud.registry import Registry
-from gpud.service import ModelService
 from gpud.spec import ModelSpec
+from gpud.supervise.logs import follow, log_path, tail
 
-log = logging.getLogger("gpud.api")
+log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_LOG_LINES = 100_000
 
@@ -85,7 +85,7 @@ class ControlAPI:
         self.started = started
         self.socket_group = socket_group
         self.extra_status = extra_status
-        self.venvs: Any = None  # gpud.venvs.VenvStore when available
+        self.venvs: Any = None  # gpud.venv.store.VenvStore when available
 
     def make_app(self) -> web.Application:
         app = web.Application(middlewares=[self._errors], client_max_size=4 * 2**20)

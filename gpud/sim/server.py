@@ -1,6 +1,6 @@
 """A simulated OpenAI-compatible inference server: gpud's `sim` engine, for tests, demos and benchmarks.
 
-    python -m gpud.simserver --host 127.0.0.1 --port PORT [--startup-s 0.5] [--ttft-ms 20] [--itl-ms 5]
+    python -m gpud.sim.server --host 127.0.0.1 --port PORT [--startup-s 0.5] [--ttft-ms 20] [--itl-ms 5]
                              [--max-num-seqs 256] [--served-model-name NAME]
 
 It uses no GPU and behaves like a vLLM server from the outside:
@@ -27,7 +27,7 @@ Fault injection for gpud's own tests, read from the environment at startup:
 It prints one line to stdout once listening ("simserver listening on HOST:PORT", the real port when
 `--port 0`) and logs nothing per request: its output goes to a per-replica log file.
 
-The wire formats (request parsing, response bodies) live in gpud.simapi, pure and testable alone; this
+The wire formats (request parsing, response bodies) live in gpud.sim.api, pure and testable alone; this
 module is the aiohttp shell around them.
 """
 
@@ -49,7 +49,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from gpud.simapi import (
+from gpud.sim.api import (
     Generation,
     RequestError,
     StreamFrames,
@@ -348,7 +348,7 @@ def _non_negative(kind: Callable[[str], float]) -> Callable[[str], float]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m gpud.simserver", description="Simulated OpenAI server.")
+    parser = argparse.ArgumentParser(prog="python -m gpud.sim.server", description="Simulated OpenAI server.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000, help="0 lets the kernel pick (it is printed)")
     parser.add_argument("--startup-s", type=_non_negative(float), default=0.5)

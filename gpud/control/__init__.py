@@ -1,0 +1,1 @@
+"""The control plane: the Unix-socket API, model operations, persisted desired state."""

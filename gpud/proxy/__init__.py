@@ -1,0 +1,1 @@
+"""The OpenAI-compatible endpoint: routing, balancing, the hop to the replicas, metrics."""

@@ -1,0 +1,1 @@
+"""Replica processes: lifecycle, restart policy, the parent shim, process trees, logs."""

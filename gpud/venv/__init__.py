@@ -1,0 +1,1 @@
+"""Per-model virtualenvs cached by content: the key, the builder, the store."""
