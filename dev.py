@@ -2,7 +2,7 @@
 """Set up and run gpud from a fresh clone with nothing but python3 (3.10+).
 
     python3 dev.py demo    # create .venv, install gpud, run the demo on simulated GPUs
-    python3 dev.py test    # create .venv, install gpud with test tools, run ruff and the whole test suite
+    python3 dev.py test    # create .venv, install gpud with test tools, run ruff, mypy and the whole test suite
     python3 dev.py setup   # only create/refresh .venv
 
 The venv is refreshed only when pyproject.toml changed since the last install (a stamp file records it).
@@ -55,6 +55,9 @@ def main(argv: list[str]) -> int:
         return run(PY, "scripts/demo.py", *rest)
     if command == "test":
         code = run(PY, "-m", "ruff", "check", "gpud", "tests", "bench", "scripts", "dev.py")
+        if code != 0:
+            return code
+        code = run(PY, "-m", "mypy", "gpud")  # strict; see [tool.mypy] in pyproject.toml
         if code != 0:
             return code
         return run(PY, "-m", "pytest", *(rest or ["-q"]))

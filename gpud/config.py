@@ -1,6 +1,7 @@
 """Daemon settings: defaults < config file (TOML) < GPUD_* environment < flags, validated into frozen values.
 
-An unknown key or a wrong type in the file is an InvalidInput that names the key and the file.
+Every default lives once, in the dataclasses below; the loader only overrides what a file, the environment
+or a flag gives. An unknown key or a wrong type in the file is an InvalidInput that names the key and the file.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from typing import Any
 
 from gpud.errors import InvalidInput
 from gpud.spec import validate_env, validate_model_name
+from gpud.supervise.policy import Restart
 from gpud.units import parse_size
 
-RESTART_POLICIES = ("on-failure", "always", "no")
+DEFAULT_HEADROOM_BYTES = 512 * 2**20  # kept free on every GPU (SPEC §3 `gpus.headroom`)
 
 
 def _is_root() -> bool:
@@ -57,7 +59,7 @@ def default_state_dir(environ: Mapping[str, str] = os.environ) -> Path:
 class SupervisorSettings:
     """SPEC §7 timings, systemd-like."""
 
-    restart: str = "on-failure"
+    restart: Restart = Restart.ON_FAILURE
     restart_sec: float = 0.1
     restart_max_delay_sec: float = 30.0
     start_limit_burst: int = 5
@@ -68,6 +70,31 @@ class SupervisorSettings:
     drain_timeout_sec: float = 30.0
     stop_timeout_sec: float = 30.0
 
+    def __post_init__(self) -> None:
+        # "on-failure" as written in a file is the same policy as Restart.ON_FAILURE (ValueError otherwise).
+        object.__setattr__(self, "restart", Restart(self.restart))
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    """SPEC §9 `[proxy]`."""
+
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8000
+    api_keys: tuple[str, ...] = ()
+    max_body_bytes: int = 32 * 2**20
+    # A replica that sends nothing for this long: 504 before the response, a cut stream after.
+    idle_timeout_sec: float = 300.0
+    # A client that takes this long to send a request head, pauses this long in a body, or leaves response
+    # bytes unread this long is disconnected (nginx's client_header/client_body/send timeouts, 60 s there too).
+    client_timeout_sec: float = 60.0
+    # Open client connections at most; 0: half of what the file descriptor limit leaves (see proxy.guard).
+    max_connections: int = 0
+
+    @property
+    def listen(self) -> str:
+        return f"{self.listen_host}:{self.listen_port}"
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -76,28 +103,15 @@ class Settings:
     socket_group: str | None
     state_dir: Path
     gpus: str = "auto"
-    headroom_bytes: int = 512 * 2**20
-    listen_host: str = "127.0.0.1"
-    listen_port: int = 8000
+    headroom_bytes: int = DEFAULT_HEADROOM_BYTES
     multi_replica: bool = True
-    api_keys: tuple[str, ...] = ()
-    max_body_bytes: int = 32 * 2**20
-    # A replica that sends nothing for this long: 504 before the response, a cut stream after.
-    proxy_idle_timeout_sec: float = 300.0
-    # A client that takes this long to send a request head, pauses this long in a body, or leaves response
-    # bytes unread this long is disconnected (nginx's client_header/client_body/send timeouts, 60 s there too).
-    proxy_client_timeout_sec: float = 60.0
-    # Open client connections at most; 0: half of what the file descriptor limit leaves (see clientguard).
-    proxy_max_connections: int = 0
+    proxy: ProxySettings = field(default_factory=ProxySettings)
     supervisor: SupervisorSettings = field(default_factory=SupervisorSettings)
     env: dict[str, str] = field(default_factory=dict)
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    @property
-    def listen(self) -> str:
-        return f"{self.listen_host}:{self.listen_port}"
 
-
+_NUMBER = (int, float)
 # Allowed keys of each config section and their types; models/env are free-form and checked separately.
 _SECTIONS: dict[str, dict[str, tuple[type, ...]]] = {
     "daemon": {"socket": (str,), "state_dir": (str,), "socket_group": (str,)},
@@ -107,13 +121,13 @@ _SECTIONS: dict[str, dict[str, tuple[type, ...]]] = {
         "listen": (str,),
         "api_keys": (list,),
         "max_body": (str, int),
-        "idle_timeout_sec": (int, float),
-        "client_timeout_sec": (int, float),
+        "idle_timeout_sec": _NUMBER,
+        "client_timeout_sec": _NUMBER,
         "max_connections": (int,),
     },
     "supervisor": {
         f.name: ((str,) if f.name == "restart" else (int,) if f.name in ("start_limit_burst", "health_failures")
-                 else (int, float))
+                 else _NUMBER)
         for f in fields(SupervisorSettings)
     },
 }
@@ -123,7 +137,7 @@ def parse_listen(value: str, *, what: str = "listen address") -> tuple[str, int]
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise InvalidInput(f"Invalid {what} {value!r}: expected HOST:PORT such as 127.0.0.1:8000.")
-    return host.strip("[]") or "127.0.0.1", int(port)
+    return host.strip("[]") or ProxySettings.listen_host, int(port)
 
 
 def parse_bool(value: str, *, what: str) -> bool:
@@ -135,13 +149,19 @@ def parse_bool(value: str, *, what: str) -> bool:
     raise InvalidInput(f"Invalid {what} {value!r}: use 1 or 0.")
 
 
+def multi_replica_from_env(environ: Mapping[str, str]) -> bool | None:
+    """GPUD_ENABLE_SINGLE_GPU_MULTI_REPLICA, when set (the daemon and `gpud plan --gpus` read it)."""
+    value = environ.get("GPUD_ENABLE_SINGLE_GPU_MULTI_REPLICA")
+    return parse_bool(value, what="GPUD_ENABLE_SINGLE_GPU_MULTI_REPLICA") if value else None
+
+
 def read_config_file(path: Path) -> dict[str, Any]:
     """Parse and type-check the TOML file; errors name the key and the file."""
     # Imported here: the CLI imports this module for default paths and should not pay for a TOML parser.
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover - exercised on 3.10 only
-        import tomli as tomllib
+        import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
@@ -174,70 +194,90 @@ def read_config_file(path: Path) -> dict[str, Any]:
         if not isinstance(table, dict):
             raise InvalidInput(f"Config key 'models.{name}' in {path} must be a table.")
         validate_model_name(name, what=f"model table name in {path}")
-    return data
+    return dict(data)
+
+
+def _proxy_settings(data: Mapping[str, Any], listen: str | None, environ: Mapping[str, str],
+                    where: str) -> ProxySettings:
+    proxy = data.get("proxy", {})
+    given: dict[str, Any] = {}
+    listen = listen or proxy.get("listen")
+    if listen:
+        given["listen_host"], given["listen_port"] = parse_listen(listen)
+    keys = proxy.get("api_keys", [])
+    if not all(isinstance(k, str) and k for k in keys):
+        raise InvalidInput(f"Config key 'proxy.api_keys'{where} must be a list of non-empty strings.")
+    if environ.get("GPUD_API_KEY"):
+        keys = [environ["GPUD_API_KEY"], *keys]
+    given["api_keys"] = tuple(keys)
+    if "max_body" in proxy:
+        given["max_body_bytes"] = parse_size(proxy["max_body"], what=f"proxy.max_body{where}")
+    for key in ("idle_timeout_sec", "client_timeout_sec"):
+        if key in proxy:
+            if not 0 < proxy[key] < math.inf:
+                raise InvalidInput(f"Config key 'proxy.{key}'{where} must be a number of seconds more than 0.")
+            given[key] = float(proxy[key])
+    if "max_connections" in proxy:
+        if proxy["max_connections"] < 0:
+            raise InvalidInput(f"Config key 'proxy.max_connections'{where} cannot be negative (0: automatic).")
+        given["max_connections"] = proxy["max_connections"]
+    return ProxySettings(**given)
+
+
+def _supervisor_settings(data: Mapping[str, Any], where: str) -> SupervisorSettings:
+    given = dict(data.get("supervisor", {}))
+    if "restart" in given:
+        try:
+            given["restart"] = Restart(given["restart"])
+        except ValueError:
+            raise InvalidInput(
+                f"Config key 'supervisor.restart'{where} must be one of {', '.join(r.value for r in Restart)}."
+            ) from None
+    for key, value in given.items():
+        if key != "restart" and value < 0:
+            raise InvalidInput(f"Config key 'supervisor.{key}'{where} cannot be negative.")
+    return SupervisorSettings(**given)
 
 
 def load_settings(flags: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -> Settings:
     """flags: config, socket, state_dir, gpus, listen (None when not given)."""
     explicit = flags.get("config") or environ.get("GPUD_CONFIG")
-    path = Path(explicit) if explicit else default_config_path(environ)
+    path: Path | None = Path(explicit) if explicit else default_config_path(environ)
     data: dict[str, Any] = {}
-    if explicit and not path.exists():
+    if explicit and path is not None and not path.exists():
         raise InvalidInput(f"Config file {path} does not exist.")
-    if path.exists():
+    if path is not None and path.exists():
         data = read_config_file(path)
     else:
-        path = None  # type: ignore[assignment]
+        path = None
 
-    def pick(flag: str, env: str, section: str, key: str, default: Any) -> Any:
+    def pick(flag: str, env: str, section: str, key: str) -> Any:
         if flags.get(flag) is not None:
             return flags[flag]
         if environ.get(env):
             return environ[env]
-        return data.get(section, {}).get(key, default)
+        return data.get(section, {}).get(key)
 
     where = f" in {path}" if path else ""
-    headroom = parse_size(data.get("gpus", {}).get("headroom", "512MiB"), what=f"gpus.headroom{where}")
-    listen_host, listen_port = parse_listen(pick("listen", "GPUD_LISTEN", "proxy", "listen", "127.0.0.1:8000"))
-    multi_env = environ.get("GPUD_ENABLE_SINGLE_GPU_MULTI_REPLICA")
-    multi = (
-        parse_bool(multi_env, what="GPUD_ENABLE_SINGLE_GPU_MULTI_REPLICA")
-        if multi_env
-        else data.get("allocator", {}).get("single_gpu_multi_replica", True)
-    )
-    keys = data.get("proxy", {}).get("api_keys", [])
-    if not all(isinstance(k, str) and k for k in keys):
-        raise InvalidInput(f"Config key 'proxy.api_keys'{where} must be a list of non-empty strings.")
-    if environ.get("GPUD_API_KEY"):
-        keys = [environ["GPUD_API_KEY"], *keys]
-    proxy = data.get("proxy", {})
-    for key in ("idle_timeout_sec", "client_timeout_sec"):
-        if key in proxy and not 0 < proxy[key] < math.inf:
-            raise InvalidInput(f"Config key 'proxy.{key}'{where} must be a number of seconds more than 0.")
-    if proxy.get("max_connections", 0) < 0:
-        raise InvalidInput(f"Config key 'proxy.max_connections'{where} cannot be negative (0: automatic).")
-    sup = dict(data.get("supervisor", {}))
-    if sup.get("restart", "on-failure") not in RESTART_POLICIES:
-        raise InvalidInput(f"Config key 'supervisor.restart'{where} must be one of {', '.join(RESTART_POLICIES)}.")
-    for key, value in sup.items():
-        if key != "restart" and value < 0:
-            raise InvalidInput(f"Config key 'supervisor.{key}'{where} cannot be negative.")
+    given: dict[str, Any] = {}
+    if "headroom" in data.get("gpus", {}):
+        given["headroom_bytes"] = parse_size(data["gpus"]["headroom"], what=f"gpus.headroom{where}")
+    gpus = pick("gpus", "GPUD_GPUS", "gpus", "spec")
+    if gpus is not None:
+        given["gpus"] = gpus
+    multi = multi_replica_from_env(environ)
+    if multi is None:
+        multi = data.get("allocator", {}).get("single_gpu_multi_replica")
+    if multi is not None:
+        given["multi_replica"] = multi
     return Settings(
         config_path=path,
-        socket=str(pick("socket", "GPUD_SOCKET", "daemon", "socket", None) or default_socket_path(environ)),
+        socket=str(pick("socket", "GPUD_SOCKET", "daemon", "socket") or default_socket_path(environ)),
         socket_group=data.get("daemon", {}).get("socket_group"),
-        state_dir=Path(pick("state_dir", "GPUD_STATE_DIR", "daemon", "state_dir", None) or default_state_dir(environ)),
-        gpus=pick("gpus", "GPUD_GPUS", "gpus", "spec", "auto"),
-        headroom_bytes=headroom,
-        listen_host=listen_host,
-        listen_port=listen_port,
-        multi_replica=multi,
-        api_keys=tuple(keys),
-        max_body_bytes=parse_size(proxy.get("max_body", "32MiB"), what=f"proxy.max_body{where}"),
-        proxy_idle_timeout_sec=float(proxy.get("idle_timeout_sec", 300.0)),
-        proxy_client_timeout_sec=float(proxy.get("client_timeout_sec", 60.0)),
-        proxy_max_connections=proxy.get("max_connections", 0),
-        supervisor=SupervisorSettings(**sup),
+        state_dir=Path(pick("state_dir", "GPUD_STATE_DIR", "daemon", "state_dir") or default_state_dir(environ)),
+        proxy=_proxy_settings(data, flags.get("listen") or environ.get("GPUD_LISTEN") or None, environ, where),
+        supervisor=_supervisor_settings(data, where),
         env=dict(data.get("env", {})),
         models={name: dict(table) for name, table in data.get("models", {}).items()},
+        **given,
     )

@@ -16,7 +16,9 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from gpud.config import Settings, load_settings
 from gpud.control.service import ModelService
@@ -24,7 +26,7 @@ from gpud.control.state import StateStore
 from gpud.errors import GpudError
 from gpud.gpus import open_backend
 from gpud.gpus.base import GpuBackend
-from gpud.gpus.ledger import Ledger
+from gpud.gpus.ledger import Ledger, OwnedPids
 from gpud.registry import Registry
 from gpud.sdnotify import Notifier
 from gpud.spec import ModelSpec
@@ -65,18 +67,21 @@ def run_daemon(argv: list[str]) -> int:
         print(f"gpud: {exc.message}", file=sys.stderr)
         return exc.exit_code
     try:
-        import uvloop
-
-        runner = uvloop.run
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        runner = asyncio.run
-    try:
-        return runner(Daemon(settings, backend).serve())
+        return _run_loop(Daemon(settings, backend).serve())
     except GpudError as exc:
         print(f"gpud: {exc.message}", file=sys.stderr)
         return exc.exit_code
     finally:
         backend.close()
+
+
+def _run_loop(main: Coroutine[Any, Any, int]) -> int:
+    """Run the daemon's coroutine on uvloop (a dependency on Linux), else on asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 class Daemon:
@@ -99,19 +104,17 @@ class Daemon:
         await self._kill_previous_life(instance)
 
         registry = Registry()
-        supervisor: Supervisor | None = None
-        ledger = Ledger(self.backend, headroom_bytes=settings.headroom_bytes,
-                        owned_pids=lambda: supervisor.owned_pids() if supervisor else set())
+        owned = OwnedPids()  # the supervisor fills it, the ledger reads it
+        ledger = Ledger(self.backend, headroom_bytes=settings.headroom_bytes, owned=owned)
         venvs = VenvStore(settings.state_dir / "venvs", environ=os.environ, config_env=settings.env)
-        supervisor = Supervisor(registry, ledger, settings.supervisor, state_dir=settings.state_dir,
+        supervisor = Supervisor(registry, ledger, settings.supervisor, owned=owned, state_dir=settings.state_dir,
                                 config_env=settings.env, instance=instance,
                                 python_for=venvs.python_for, extra_env_for=venvs.extra_env_for)
         service = ModelService(settings, registry, ledger, supervisor, StateStore(settings.state_dir),
                                prepare=venvs.preparer(registry))
-        api = ControlAPI(service, registry, started=self.started, socket_group=settings.socket_group)
-        api.venvs = venvs
+        api = ControlAPI(service, registry, started=self.started, socket_group=settings.socket_group, venvs=venvs)
         metrics = Metrics(registry, ledger)
-        proxy = Proxy.from_settings(registry, settings, metrics=metrics, on_connect_failure=supervisor.connect_failed)
+        proxy = Proxy(registry, settings.proxy, metrics=metrics, on_connect_failure=supervisor.connect_failed)
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -119,15 +122,16 @@ class Daemon:
 
         api_runner = await serve_unix(api.make_app(), settings.socket, settings.socket_group)
         try:
-            await proxy.start(settings.listen_host, settings.listen_port)
+            await proxy.start(settings.proxy.listen_host, settings.proxy.listen_port)
             log.info("gpud %s: control socket %s, proxy http://%s, GPUs %s", _version(), settings.socket,
-                     settings.listen, settings.gpus)
+                     settings.proxy.listen, settings.gpus)
             await self._restore(service)
             self.notifier.notify("READY=1", f"STATUS={_status_line(registry)}", f"MAINPID={os.getpid()}")
             background = [loop.create_task(self._housekeeping(registry, ledger))]
             await self._stop.wait()
             log.info("stopping: %d replicas", registry.counts()["replicas"])
             self.notifier.notify("STOPPING=1")
+            api.close_streams()
             for task in background:
                 task.cancel()
             await proxy.close()

@@ -27,6 +27,25 @@ class ReplicaState(str, enum.Enum):
     FAILED = "failed"        # gave up (start limit, or restart policy says no); reservation released
 
 
+class ModelState(str, enum.Enum):
+    """A model's state as `model show` says it (SPEC §5), derived from its replicas."""
+
+    STARTING = "starting"
+    RUNNING = "running"
+    DEGRADED = "degraded"
+    FAILED = "failed"
+    STOPPING = "stopping"
+
+
+class Operation(str, enum.Enum):
+    """What the service is doing to a model while the model is busy."""
+
+    START = "start"
+    SCALE = "scale"
+    RESTART = "restart"
+    STOP = "stop"
+
+
 @dataclass
 class Replica:
     model: str
@@ -69,7 +88,7 @@ class Model:
     venv: dict[str, Any] | None = None      # {"path", "packages"} once the venv is resolved
     created_at: float = field(default_factory=time.time)
     rotation: int = 0                       # balancer tie-break cursor
-    operation: str | None = None            # "start" | "scale" | "restart" | "stop" while one is in progress
+    operation: Operation | None = None      # while one is in progress
     task: asyncio.Task[None] | None = field(default=None, repr=False)  # the operation's task
 
     @property
@@ -79,19 +98,19 @@ class Model:
     def ready_replicas(self) -> list[Replica]:
         return [r for r in self.replicas.values() if r.state is ReplicaState.READY]
 
-    def state(self) -> str:
+    def state(self) -> ModelState:
         if self.stopping:
-            return "stopping"
+            return ModelState.STOPPING
         states = [r.state for r in self.replicas.values()]
         ready = states.count(ReplicaState.READY)
         if states and ready == len(states) == self.spec.replicas:
-            return "running"
+            return ModelState.RUNNING
         if ready == 0 and ReplicaState.FAILED in states:  # SPEC §7: failed when none is ready
-            return "failed"
+            return ModelState.FAILED
         troubled = {ReplicaState.FAILED, ReplicaState.BACKOFF, ReplicaState.UNHEALTHY, ReplicaState.STOPPED}
         if any(s in troubled for s in states) or any(r.restarts for r in self.replicas.values()):
-            return "degraded"
-        return "starting"
+            return ModelState.DEGRADED
+        return ModelState.STARTING
 
     def settled(self) -> bool:
         """True when waiting for this model is over: every replica ready, or one has failed for good."""
@@ -99,14 +118,13 @@ class Model:
         states = [r.state for r in self.replicas.values()]
         return all(s is ReplicaState.READY for s in states) or any(s in final for s in states)
 
-
     def to_json(self, endpoint: str) -> dict[str, Any]:
         spec = self.spec
         return {
             "name": spec.name,
             "model": spec.model,
             "engine": spec.engine,
-            "state": self.state(),
+            "state": self.state().value,
             "busy": self.operation is not None,
             "replicas_desired": spec.replicas,
             "replicas_ready": len(self.ready_replicas()),
@@ -123,12 +141,18 @@ class Model:
         }
 
 
+# The last event a subscriber gets: the daemon is going away. An event stream sends it and ends, so that
+# no client holds up the shutdown (SPEC §3: SIGTERM ends the daemon in the time the stop sequence takes).
+SHUTDOWN_EVENT: dict[str, Any] = {"type": "shutdown"}
+
+
 class Registry:
     """Models by name, plus a fan-out of state-change events to subscribers."""
 
     def __init__(self) -> None:
         self.models: dict[str, Model] = {}
         self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
+        self.closed = False
 
     def get(self, name: str) -> Model | None:
         return self.models.get(name)
@@ -165,7 +189,15 @@ class Registry:
     def subscribe(self) -> asyncio.Queue[dict[str, Any]]:
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._subscribers.add(queue)
+        if self.closed:
+            queue.put_nowait(SHUTDOWN_EVENT)
         return queue
+
+    def close(self) -> None:
+        """The daemon is shutting down: every subscriber gets SHUTDOWN_EVENT (event streams end with it)."""
+        self.closed = True
+        for queue in list(self._subscribers):
+            queue.put_nowait(SHUTDOWN_EVENT)
 
     def unsubscribe(self, queue: asyncio.Queue[dict[str, Any]]) -> None:
         self._subscribers.discard(queue)

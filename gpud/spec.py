@@ -6,16 +6,17 @@ Everything a user can send is checked here, with one sentence per mistake, befor
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from gpud.engines import DEFAULT_ENGINE, engine_named, validate_engine_request
 from gpud.errors import InvalidInput
+from gpud.gpus.placement import POLICIES
 from gpud.units import parse_size
 
-ENGINES = ("vllm", "sim", "command")
-POLICIES = ("spread", "pack")
 MANAGED_ENV = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "GPUD_MODEL", "GPUD_REPLICA", "GPUD_PORT")
 MAX_REPLICAS = 1024
 
@@ -38,6 +39,38 @@ def validate_model_name(name: Any, *, what: str = "model name") -> str:
     if any(seg in ("", ".", "..") for seg in name.split("/")):
         raise InvalidInput(f"Invalid {what} {name!r}: a path segment may not be empty, '.' or '..'.")
     return name
+
+
+def is_local_path(model: str) -> bool:
+    """SPEC §2: MODEL is a local path when it starts with /, ./, ../ or ~ (or names an existing file, which
+    only the CLI can tell, in its own working directory)."""
+    return model.startswith(("/", "./", "../", "~")) or model in (".", "..")
+
+
+def validate_model_source(model: Any, *, check_exists: bool = True) -> str:
+    """MODEL: a Hugging Face id (the name rules of SPEC §2) or an absolute local path (that exists, unless
+    `check_exists` is False: a persisted record is restored even while its disk is not mounted)."""
+    if not isinstance(model, str) or not model:
+        raise InvalidInput("Invalid model: expected a Hugging Face id such as Qwen/Qwen2.5-7B-Instruct or a path.")
+    if not is_local_path(model):
+        return validate_model_name(model, what="model")
+    if "\0" in model or len(model) > 4096:
+        raise InvalidInput("Invalid model path: it is over 4096 characters or contains a NUL character.")
+    if not model.startswith("/"):
+        raise InvalidInput(
+            f"Invalid model {model!r}: a local path must be absolute here (the gpud CLI makes it absolute)."
+        )
+    if check_exists and not os.path.exists(model):
+        raise InvalidInput(f"Invalid model {model!r}: no such file or directory.")
+    return model
+
+
+def default_name(model: str) -> str:
+    """NAME when none is given: MODEL itself, or a local path's last component without `.gguf`."""
+    if not is_local_path(model):
+        return model
+    last = model.rstrip("/").rsplit("/", 1)[-1]
+    return last[: -len(".gguf")] if last.endswith(".gguf") and len(last) > len(".gguf") else last
 
 
 def validate_env(env: Any, *, what: str = "env") -> dict[str, str]:
@@ -124,7 +157,7 @@ class ModelSpec:
 
     name: str
     model: str
-    engine: str = "vllm"
+    engine: str = DEFAULT_ENGINE
     replicas: int = 1
     gpus_per_replica: int = 1
     vram_bytes: int | None = None  # per GPU per replica; None = exclusive GPUs
@@ -139,8 +172,9 @@ class ModelSpec:
     start_timeout_sec: float | None = None
 
     @classmethod
-    def from_json(cls, body: Any) -> ModelSpec:
-        """Validate a POST /v1/models body (also a `[models.NAME]` table and a persisted record)."""
+    def from_json(cls, body: Any, *, check_files: bool = True) -> ModelSpec:
+        """Validate a POST /v1/models body (also a `[models.NAME]` table, and a persisted record, for which
+        `check_files` is False: a local MODEL path is not required to exist then)."""
         if not isinstance(body, Mapping):
             raise InvalidInput("Invalid request: expected a JSON object.")
         unknown = sorted(set(body) - set(_FIELDS))
@@ -148,11 +182,14 @@ class ModelSpec:
             raise InvalidInput(f"Unknown field {unknown[0]!r} (known fields: {', '.join(_FIELDS)}).")
         if "model" not in body:
             raise InvalidInput("Missing field 'model': the model to serve.")
-        model = validate_model_name(body["model"], what="model")
-        name = validate_model_name(body.get("name") or model, what="name")
-        engine = body.get("engine", "vllm")
-        if engine not in ENGINES:
-            raise InvalidInput(f"Unknown engine {engine!r}: use one of {', '.join(ENGINES)}.")
+        model = validate_model_source(body["model"], check_exists=check_files)
+        if body.get("name") is None:
+            name = default_name(model)
+            if name != model:
+                validate_model_name(name, what="name (the last part of the model path; pass a name)")
+        else:
+            name = validate_model_name(body["name"], what="name")
+        engine = engine_named(body.get("engine", DEFAULT_ENGINE)).name
         placement = body.get("placement", "spread")
         if placement not in POLICIES:
             raise InvalidInput(f"Unknown placement {placement!r}: use spread or pack.")
@@ -209,8 +246,6 @@ class ModelSpec:
             start_timeout_sec=None if timeout is None else float(timeout),
         )
         # Engine-specific checks (managed vLLM flags, command templates, sim args) live with the engines.
-        from gpud.engines import validate_engine_request
-
         validate_engine_request(spec.engine, spec.args, spec.command)
         return spec
 

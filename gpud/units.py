@@ -38,7 +38,7 @@ def parse_size(value: str | int, *, what: str = "size") -> int:
         whole, _, frac = number.partition(".")
         # Exact decimal arithmetic: 1.5GiB is exactly 1610612736 bytes, no float rounding.
         scale = 10 ** len(frac)
-        return (int(whole or "0") * scale + int(frac or "0")) * factor // scale
+        return int((int(whole or "0") * scale + int(frac or "0")) * factor // scale)
     return int(number) * factor
 
 

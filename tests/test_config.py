@@ -20,9 +20,9 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_defaults_without_a_file(tmp_path: Path) -> None:
     s = load_settings({"config": None}, {"HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path / "none")})
-    assert (s.gpus, s.listen, s.multi_replica, s.headroom_bytes) == ("auto", "127.0.0.1:8000", True, 512 * 2**20)
+    assert (s.gpus, s.proxy.listen, s.multi_replica, s.headroom_bytes) == ("auto", "127.0.0.1:8000", True, 512 * 2**20)
     assert s.supervisor.restart == "on-failure" and s.supervisor.start_limit_burst == 5
-    assert s.config_path is None and s.api_keys == ()
+    assert s.config_path is None and s.proxy.api_keys == ()
 
 
 def test_precedence_flag_over_env_over_file(tmp_path: Path) -> None:
@@ -30,14 +30,14 @@ def test_precedence_flag_over_env_over_file(tmp_path: Path) -> None:
                            '[daemon]\nsocket = "/file.sock"\n[allocator]\nsingle_gpu_multi_replica = false\n')
     env = {"GPUD_CONFIG": str(path), "HOME": str(tmp_path)}
     s = load_settings(NO_FLAGS, env)
-    assert (s.gpus, s.listen, s.socket, s.headroom_bytes, s.multi_replica) == (
+    assert (s.gpus, s.proxy.listen, s.socket, s.headroom_bytes, s.multi_replica) == (
         "sim:1x8GiB", "0.0.0.0:9000", "/file.sock", 2**30, False)
     env.update(GPUD_GPUS="sim:2x8GiB", GPUD_LISTEN="127.0.0.1:1", GPUD_SOCKET="/env.sock",
                GPUD_ENABLE_SINGLE_GPU_MULTI_REPLICA="1")
     s = load_settings(NO_FLAGS, env)
-    assert (s.gpus, s.listen, s.socket, s.multi_replica) == ("sim:2x8GiB", "127.0.0.1:1", "/env.sock", True)
+    assert (s.gpus, s.proxy.listen, s.socket, s.multi_replica) == ("sim:2x8GiB", "127.0.0.1:1", "/env.sock", True)
     s = load_settings({"gpus": "sim:3x8GiB", "listen": "127.0.0.1:2", "socket": "/flag.sock"}, env)
-    assert (s.gpus, s.listen, s.socket) == ("sim:3x8GiB", "127.0.0.1:2", "/flag.sock")
+    assert (s.gpus, s.proxy.listen, s.socket) == ("sim:3x8GiB", "127.0.0.1:2", "/flag.sock")
 
 
 def test_sections_env_models_supervisor_api_keys(tmp_path: Path) -> None:
@@ -47,12 +47,12 @@ def test_sections_env_models_supervisor_api_keys(tmp_path: Path) -> None:
     s = load_settings({"config": str(path)}, {"HOME": str(tmp_path), "GPUD_API_KEY": "k0"})
     assert s.env == {"HF_HOME": "/models"}
     assert s.supervisor.restart == "always" and s.supervisor.stop_timeout_sec == 3
-    assert s.api_keys == ("k0", "k1") and s.max_body_bytes == 2**20
-    assert (s.proxy_idle_timeout_sec, s.proxy_client_timeout_sec, s.proxy_max_connections) == (300, 60, 0)
+    assert s.proxy.api_keys == ("k0", "k1") and s.proxy.max_body_bytes == 2**20
+    assert (s.proxy.idle_timeout_sec, s.proxy.client_timeout_sec, s.proxy.max_connections) == (300, 60, 0)
     assert s.models == {"demo": {"model": "m", "engine": "sim"}}
     path.write_text('[proxy]\nidle_timeout_sec = 2.5\nclient_timeout_sec = 10\nmax_connections = 100\n')
     s = load_settings({"config": str(path)}, {"HOME": str(tmp_path)})
-    assert (s.proxy_idle_timeout_sec, s.proxy_client_timeout_sec, s.proxy_max_connections) == (2.5, 10, 100)
+    assert (s.proxy.idle_timeout_sec, s.proxy.client_timeout_sec, s.proxy.max_connections) == (2.5, 10, 100)
 
 
 @pytest.mark.parametrize(

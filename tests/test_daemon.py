@@ -6,11 +6,12 @@ import json
 import os
 import signal
 import stat
+import time
 import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, wait_until
+from helpers import Daemon, wait_until
 
 from gpud.cli.client import model_path
 from gpud.errors import Conflict, DoesNotFit, InvalidInput, NotFound
@@ -270,3 +271,17 @@ def test_logs_of_a_replica(daemon: Daemon) -> None:
     assert "listening" in conn_text
     with pytest.raises(NotFound):
         daemon.client.request("GET", model_path("Org/Name-1.5B", "logs"), query={"replica": 3})
+
+
+def test_sigterm_ends_event_streams_and_log_follows_at_once(daemon: Daemon) -> None:
+    daemon.start_model({"model": "e", "engine": "sim", "vram": "1GiB"})
+    events = daemon.client.stream_lines("/v1/events", timeout=60)
+    assert json.loads(next(events))["type"] == "model"
+    follow = daemon.client.stream_lines(model_path("e", "logs"), {"follow": 1, "lines": 1}, timeout=60)
+    assert next(follow)
+    began = time.monotonic()
+    assert daemon.stop(timeout=20) == 0
+    # The streams ended (the event stream with its shutdown event) instead of holding up the exit.
+    assert [json.loads(line) for line in events][-1]["type"] == "shutdown"
+    assert list(follow) is not None
+    assert time.monotonic() - began < 10

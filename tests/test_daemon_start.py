@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import Daemon
+from helpers import Daemon
 
 
 def run_daemon(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import aiohttp
 import psutil
-from conftest import FAST_CONFIG, Daemon, wait_until
+from helpers import FAST_CONFIG, Daemon, wait_until
 
 GiB = 2**30
 

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import wait_until
+from helpers import wait_until
 
 from gpud import __version__
 from gpud.config import Settings, load_settings

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import Daemon, wait_until
+from helpers import Daemon, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Daemon
+from helpers import Daemon
 
 from gpud.sdnotify import Notifier
 

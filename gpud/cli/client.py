@@ -233,8 +233,14 @@ class Client:
                     observer(event)
                 kind = event.get("type")
                 if kind == "model" and isinstance(event.get("model"), dict):
-                    if not until_removed and not is_busy(event["model"]):
-                        return event["model"]
+                    show: dict[str, Any] = event["model"]
+                    if not until_removed and not is_busy(show):
+                        return show
+                elif kind == "shutdown":
+                    raise GpudError(
+                        f"The gpud daemon is shutting down; model {name!r} stops with it "
+                        "(its desired state is kept for the next start)."
+                    )
                 elif kind == "removed":
                     if until_removed:
                         return None

@@ -10,33 +10,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from gpud.exits import describe_exit
 from gpud.units import format_size
-
-# Kept here rather than imported from gpud.supervise.procs: that module imports psutil at its top, which would
-# add ~20 ms to every CLI command. The phrases match procs.describe_exit for the common cases.
-_SIGNAL_TEXT = {
-    "SIGKILL": "killed by SIGKILL (out of memory? stopped by another program?)",
-    "SIGTERM": "terminated by SIGTERM",
-    "SIGINT": "interrupted by SIGINT",
-    "SIGSEGV": "segmentation fault (SIGSEGV)",
-    "SIGABRT": "aborted (SIGABRT)",
-    "SIGBUS": "bus error (SIGBUS)",
-}
-_CODE_TEXT = {
-    0: "exited normally (code 0)",
-    126: "command not executable (exit code 126)",
-    127: "command not found (exit code 127)",
-}
-
-
-def describe_exit(code: int | None, signal_name: str | None) -> str:
-    """One phrase for a person about how a process ended (a signal wins over a code)."""
-    if signal_name:
-        name = signal_name.upper() if signal_name.upper().startswith("SIG") else signal_name
-        return _SIGNAL_TEXT.get(name, f"killed by {name}")
-    if code is None:
-        return "ended with an unknown status"
-    return _CODE_TEXT.get(code, f"exited with code {code}")
 
 
 def short_exit(last_exit: Mapping[str, Any] | None) -> str:
@@ -76,7 +51,7 @@ def _gpu_phrase(gpus: Sequence[int]) -> str:
 def format_duration(seconds: float) -> str:
     """`3d 4h`, `1h 2m`, `5m 3s`, `42s`: the two largest units, like `docker ps` uptimes."""
     total = max(0, int(seconds))
-    parts = []
+    parts: list[str] = []
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
         if total >= size or (unit == "s" and not parts):
             parts.append(f"{total // size}{unit}")

@@ -27,9 +27,11 @@ from aiohttp import web
 from gpud import __version__
 from gpud.control.service import ModelService
 from gpud.errors import Forbidden, GpudError, InvalidInput, NotFound
-from gpud.registry import Registry
+from gpud.registry import SHUTDOWN_EVENT, Registry
+from gpud.serverlog import ServerLog
 from gpud.spec import ModelSpec
 from gpud.supervise.logs import follow, log_path, tail
+from gpud.venv.store import VenvStore
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -79,13 +81,19 @@ async def _json_body(request: web.Request) -> Any:
 
 class ControlAPI:
     def __init__(self, service: ModelService, registry: Registry, *, started: float, socket_group: str | None,
-                 extra_status: Callable[[], dict[str, Any]] = dict) -> None:
+                 venvs: VenvStore | None = None, extra_status: Callable[[], dict[str, Any]] = dict) -> None:
         self.service = service
         self.registry = registry
         self.started = started
         self.socket_group = socket_group
+        self.venvs = venvs
         self.extra_status = extra_status
-        self.venvs: Any = None  # gpud.venv.store.VenvStore when available
+        self._closing = asyncio.Event()  # set when shutdown begins: streams (events, logs -f) end at once
+
+    def close_streams(self) -> None:
+        """Shutdown begins: end every event stream and followed log now, so no client holds up the exit."""
+        self._closing.set()
+        self.registry.close()
 
     def make_app(self) -> web.Application:
         app = web.Application(middlewares=[self._errors], client_max_size=4 * 2**20)
@@ -128,7 +136,7 @@ class ControlAPI:
             "version": __version__,
             "uptime_sec": round(time.time() - self.started, 3),
             "pid": os.getpid(),
-            "proxy": self.service.settings.listen,
+            "proxy": self.service.settings.proxy.listen,
             "endpoint": self.service.endpoint,
             "socket": self.service.settings.socket,
             "state_dir": str(self.service.settings.state_dir),
@@ -197,7 +205,7 @@ class ControlAPI:
         resp = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
         await resp.prepare(request)
         try:
-            async with contextlib.aclosing(follow(path, from_lines=lines)) as stream:
+            async with contextlib.aclosing(follow(path, from_lines=lines, until=self._closing)) as stream:
                 async for line in stream:
                     await resp.write((line + "\n").encode())
         except ConnectionResetError:
@@ -219,17 +227,20 @@ class ControlAPI:
                 await send(self._model_event(name))
             while True:
                 event = await queue.get()
-                name = event.get("name")
-                if only and name != only:
+                if event is SHUTDOWN_EVENT:
+                    await send(event)
+                    break
+                changed_name = str(event.get("name", ""))
+                if only and changed_name != only:
                     continue
                 if event["type"] == "changed":
                     # Coalesce a burst of changes of one model into one event with its latest state.
                     while not queue.empty():
                         upcoming = queue._queue[0]  # type: ignore[attr-defined]
-                        if upcoming.get("type") != "changed" or upcoming.get("name") != name:
+                        if upcoming.get("type") != "changed" or upcoming.get("name") != changed_name:
                             break
                         queue.get_nowait()
-                    event = self._model_event(name)
+                    event = self._model_event(changed_name)
                 await send(event)
         except ConnectionResetError:  # the client went away: that ends the stream, it is not an error
             pass
@@ -284,7 +295,8 @@ async def serve_unix(app: web.Application, path: str, group: str | None) -> web.
             probe.close()
     # handler_cancellation: a client that leaves an event or log stream ends its handler; without it the
     # handler waits forever for events that never come, and holds up the daemon's shutdown.
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, handler_cancellation=True)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, handler_cancellation=True,
+                           logger=ServerLog(log))
     await runner.setup()
     old_umask = os.umask(0o117)  # the socket is born 0660: no window where others could connect
     try:

@@ -2,6 +2,10 @@
 
 The control API calls these; each mutation marks the model busy (`Model.operation`) until it is done, so
 clients can wait for exactly that (SPEC §5: start/stop/scale/restart wait until done or failed for good).
+
+This module is the one owner of GPU reservations: it reserves what placement chose, and releases a
+replica's reservation when it stopped the replica itself or when the supervisor reports that the replica
+ended by itself (`_replica_ended`), in both cases once no process of it is left. A restart keeps it.
 """
 
 from __future__ import annotations
@@ -16,9 +20,9 @@ from gpud.config import Settings
 from gpud.control.state import StateStore
 from gpud.errors import Conflict, DoesNotFit, GpudError, InvalidInput, NotFound, Unavailable
 from gpud.gpus.ledger import Ledger, Reservation
-from gpud.gpus.placement import PlacementRequest, ReplicaPlacement, place, plan_json, validate_request
-from gpud.registry import Model, Registry, Replica, ReplicaState
-from gpud.spec import ModelSpec
+from gpud.gpus.placement import PlacementRequest, ReplicaPlacement, place, plan_json
+from gpud.registry import Model, Operation, Registry, Replica, ReplicaState
+from gpud.spec import MAX_REPLICAS, ModelSpec
 from gpud.supervise.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -62,7 +66,7 @@ class ModelService:
 
     @property
     def endpoint(self) -> str:
-        return f"http://{self.settings.listen}/v1"
+        return f"http://{self.settings.proxy.listen}/v1"
 
     def get(self, name: str) -> Model:
         model = self.registry.get(name)
@@ -76,10 +80,8 @@ class ModelService:
     # ---- placement ----------------------------------------------------------------------------------
     def _place(self, spec: ModelSpec, replicas: int, first_index: int) -> list[ReplicaPlacement]:
         self.ledger.refresh()
-        views = self.ledger.views()
         request = placement_request(spec, replicas, self.settings.multi_replica)
-        validate_request(request, views)
-        return place(request, views, first_index=first_index)
+        return place(request, self.ledger.views(), first_index=first_index)
 
     def plan(self, body: Any) -> dict[str, Any]:
         if isinstance(body, dict) and "model" not in body:
@@ -91,11 +93,26 @@ class ModelService:
             return exc.details.get("plan") or plan_json(None, exc.message)
         return plan_json(placements, None)
 
+    # ---- reservations: taken and released here only ---------------------------------------------------
     def _reserve(self, spec: ModelSpec, placements: list[ReplicaPlacement]) -> None:
         self.ledger.reserve([
             Reservation(spec.name, p.index, p.gpus, p.vram_by_gpu, exclusive=spec.vram_bytes is None)
             for p in placements
         ])
+
+    def _release(self, model: str, indices: list[int] | None = None) -> None:
+        """Free the memory of these replicas of `model` (every one when `indices` is None)."""
+        if indices is None:
+            self.ledger.release_model(model)
+        for index in indices or ():
+            self.ledger.release(model, index)
+
+    def _replica_ended(self, replica: Replica) -> None:
+        """The supervisor's report: the replica failed for good or exited for good, and its tree is gone."""
+        self._release(replica.model, [replica.index])
+
+    def _launch(self, model: Model, replica: Replica) -> None:
+        self.supervisor.launch(model, replica, self._replica_ended)
 
     # ---- operations ---------------------------------------------------------------------------------
     async def start_model(self, spec: ModelSpec, *, declared: bool = False, restoring: bool = False) -> Model:
@@ -108,7 +125,7 @@ class ModelService:
             try:
                 self._save({spec.name: spec})
             except GpudError:
-                self.ledger.release_model(spec.name)
+                self._release(spec.name)
                 raise
         self.unrestored.pop(spec.name, None)
         model = Model(spec)
@@ -117,7 +134,7 @@ class ModelService:
         self.registry.models[spec.name] = model
         if declared:
             self.declared.add(spec.name)
-        self._begin(model, "start", self._run_start(model))
+        self._begin(model, Operation.START, self._run_start(model))
         return model
 
     async def _run_start(self, model: Model) -> None:
@@ -126,19 +143,19 @@ class ModelService:
                 await self.prepare(model)
             except Exception as exc:  # the message is the user's answer; nothing stays reserved
                 message = getattr(exc, "message", None) or str(exc)
+                self._release(model.name)
                 for replica in model.replicas.values():
-                    self.ledger.release(model.name, replica.index)
                     self.registry.set_state(replica, ReplicaState.FAILED, message)
                 return
         for replica in sorted(model.replicas.values(), key=lambda r: r.index):
             if not model.stopping:
-                self.supervisor.launch(model, replica)
+                self._launch(model, replica)
         await self._wait_settled(model)
 
     async def scale(self, name: str, replicas: int) -> Model:
         model = self.get(name)
-        if isinstance(replicas, bool) or not isinstance(replicas, int) or not 1 <= replicas <= 1024:
-            raise InvalidInput("Invalid replicas: expected a whole number from 1 to 1024.")
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or not 1 <= replicas <= MAX_REPLICAS:
+            raise InvalidInput(f"Invalid replicas: expected a whole number from 1 to {MAX_REPLICAS}.")
         self._check_idle(model)
         current = sorted(model.replicas)
         spec = dataclasses.replace(model.spec, replicas=replicas)
@@ -154,29 +171,29 @@ class ModelService:
             try:
                 self._save({name: spec})
             except GpudError:
-                for replica in new:
-                    self.ledger.release(name, replica.index)
+                self._release(name, [r.index for r in new])
                 raise
         model.spec = spec
-        self._begin(model, "scale", self._run_scale(model, new, removed))
+        self._begin(model, Operation.SCALE, self._run_scale(model, new, removed))
         return model
 
     async def _run_scale(self, model: Model, new: list[Replica], removed: list[int]) -> None:
         for index in removed:
             self.registry.set_state(model.replicas[index], ReplicaState.STOPPING)
         await asyncio.gather(*(self.supervisor.stop(model.name, i) for i in removed))
+        self._release(model.name, removed)
         for index in removed:
             model.replicas.pop(index, None)
         for replica in new:
             model.replicas[replica.index] = replica
-            self.supervisor.launch(model, replica)
+            self._launch(model, replica)
         await self._wait_settled(model)
 
     async def restart(self, name: str, rolling: bool = False) -> Model:
         model = self.get(name)
         self._check_open()
         self._check_idle(model)
-        self._begin(model, "restart", self._run_restart(model, rolling))
+        self._begin(model, Operation.RESTART, self._run_restart(model, rolling))
         return model
 
     async def _run_restart(self, model: Model, rolling: bool) -> None:
@@ -194,6 +211,7 @@ class ModelService:
         replaced: dict[int, Replica] = {}
         for replica in failed:
             await self.supervisor.stop(model.name, replica.index)
+        self._release(model.name, [r.index for r in failed])
         if failed:
             try:
                 placements = self._place(model.spec, len(failed), 0)
@@ -210,7 +228,7 @@ class ModelService:
         others = [r for r in sorted(model.replicas.values(), key=lambda r: r.index) if r.index not in replaced]
         for replica in replaced.values():
             model.replicas[replica.index] = replica
-            self.supervisor.launch(model, replica)
+            self._launch(model, replica)
         if rolling:
             for replica in others:
                 fresh = await self._restart_one(model, replica)
@@ -226,10 +244,10 @@ class ModelService:
 
     async def _restart_one(self, model: Model, replica: Replica) -> Replica:
         # The reservation stays in place across the restart: nobody else can take the memory meanwhile.
-        await self.supervisor.stop(model.name, replica.index, release=False)
+        await self.supervisor.stop(model.name, replica.index)
         fresh = Replica(model.name, replica.index, replica.gpus, replica.vram_by_gpu, restarts=replica.restarts)
         model.replicas[replica.index] = fresh
-        self.supervisor.launch(model, fresh)
+        self._launch(model, fresh)
         return fresh
 
     async def stop_model(self, name: str) -> Model:
@@ -242,14 +260,14 @@ class ModelService:
             self.registry.publish({"type": "removed", "name": name})
             return forgotten
         model = self.get(name)
-        if model.operation == "stop":
+        if model.operation is Operation.STOP:
             return model
         if name not in self.declared:
             self._save({name: None})
         self.declared.discard(name)
         model.stopping = True
         previous = model.task
-        self._begin(model, "stop", self._run_stop(model, previous))
+        self._begin(model, Operation.STOP, self._run_stop(model, previous))
         return model
 
     async def _run_stop(self, model: Model, previous: asyncio.Task[None] | None) -> None:
@@ -262,7 +280,7 @@ class ModelService:
             if replica.state not in (ReplicaState.FAILED, ReplicaState.STOPPED):
                 self.registry.set_state(replica, ReplicaState.STOPPING)
         await asyncio.gather(*(self.supervisor.stop(model.name, i) for i in list(model.replicas)))
-        self.ledger.release_model(model.name)
+        self._release(model.name)
         if self.registry.models.get(model.name) is model:
             del self.registry.models[model.name]
         self.registry.publish({"type": "removed", "name": model.name})
@@ -283,9 +301,9 @@ class ModelService:
         if model.stopping:
             raise Conflict(f"Model {model.name!r} is stopping.")
         if model.operation is not None:
-            raise Conflict(f"Model {model.name!r} is busy ({model.operation}); wait for it to finish.")
+            raise Conflict(f"Model {model.name!r} is busy ({model.operation.value}); wait for it to finish.")
 
-    def _begin(self, model: Model, operation: str, work: Awaitable[None]) -> None:
+    def _begin(self, model: Model, operation: Operation, work: Awaitable[None]) -> None:
         model.operation = operation
         self.registry.changed(model.name)
 
@@ -295,13 +313,13 @@ class ModelService:
             except asyncio.CancelledError:
                 raise
             except Exception:
-                log.exception("model %s: %s failed", model.name, operation)
+                log.exception("model %s: %s failed", model.name, operation.value)
             finally:
                 if model.operation == operation:
                     model.operation = None
                     self.registry.changed(model.name)
 
-        task = asyncio.get_running_loop().create_task(runner(), name=f"{operation} {model.name}")
+        task = asyncio.get_running_loop().create_task(runner(), name=f"{operation.value} {model.name}")
         model.task = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -323,7 +341,9 @@ class ModelService:
     def _save(self, changes: dict[str, ModelSpec | None]) -> None:
         """Write the desired state as it will be after `changes` (name → new spec, or None: removed), before
         anything changes in memory: a write that fails (full disk) leaves both the file and the daemon as they were."""
-        specs = {m.name: m.spec for m in self.registry if not m.stopping and m.name not in self.declared}
+        specs: dict[str, ModelSpec | None] = {
+            m.name: m.spec for m in self.registry if not m.stopping and m.name not in self.declared
+        }
         specs.update(self.unrestored)
         specs.update(changes)
         try:

@@ -45,7 +45,7 @@ class StateStore:
         specs: list[ModelSpec] = []
         for name, record in data["models"].items():
             try:
-                specs.append(ModelSpec.from_json(record))
+                specs.append(ModelSpec.from_json(record, check_files=False))
             except GpudError as exc:
                 problems.append(f"Skipped model {name!r} from {self.path}: {exc.message}")
         return specs, problems

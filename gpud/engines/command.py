@@ -14,7 +14,7 @@ import re
 import shlex
 from collections.abc import Callable, Sequence
 
-from gpud.engines import (
+from gpud.engines.base import (
     EngineContext,
     LaunchPlan,
     check_no_nul,
@@ -22,8 +22,6 @@ from gpud.engines import (
     gpu_memory_utilization,
 )
 from gpud.errors import InvalidInput
-
-START_TIMEOUT_SEC = 600.0
 
 PLACEHOLDERS: tuple[str, ...] = ("model", "name", "port", "host", "gpu_memory_utilization", "vram_bytes")
 
@@ -78,12 +76,19 @@ def split_template(command: str | None) -> list[str]:
     return parts
 
 
-def validate(args: Sequence[str], command: str | None) -> None:
-    """Check the template; engine args are passed through untouched, so any are fine."""
-    split_template(command)
+class CommandEngine:
+    name = "command"
+    start_timeout_sec = 600.0
+
+    def validate(self, args: Sequence[str], command: str | None) -> None:
+        """Check the template; engine args are passed through untouched, so any are fine."""
+        split_template(command)
+
+    def build(self, ctx: EngineContext) -> LaunchPlan:
+        return _build(ctx, self.start_timeout_sec)
 
 
-def build(ctx: EngineContext) -> LaunchPlan:
+def _build(ctx: EngineContext, start_timeout_sec: float) -> LaunchPlan:
     """The template's arguments with placeholders filled in, then the engine args."""
     parts = split_template(ctx.command)
     values: dict[str, str] = {
@@ -102,4 +107,7 @@ def build(ctx: EngineContext) -> LaunchPlan:
 
     argv = [_scan(part, value) for part in parts]
     argv.extend(ctx.args)
-    return LaunchPlan(argv=argv, health_path=ctx.health_path, start_timeout_sec=START_TIMEOUT_SEC)
+    return LaunchPlan(argv=argv, health_path=ctx.health_path, start_timeout_sec=start_timeout_sec)
+
+
+COMMAND = CommandEngine()

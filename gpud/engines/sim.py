@@ -5,10 +5,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from gpud.engines import EngineContext, LaunchPlan
+from gpud.engines.base import EngineContext, LaunchPlan
 from gpud.errors import InvalidInput
 
-START_TIMEOUT_SEC = 30.0
 HEALTH_PATH = "/health"
 
 # The engine args a user may give, and whether each takes whole numbers only. Kept in step with the
@@ -35,7 +34,7 @@ def _check_value(flag: str, raw: str) -> None:
         raise InvalidInput("The sim engine flag --max-num-seqs needs at least 1, or no request could run.")
 
 
-def validate(args: Sequence[str], command: str | None) -> None:
+def _validate(args: Sequence[str], command: str | None) -> None:
     """Accept only the sim server's own flags, each with a valid number, as `--x v` or `--x=v`."""
     if command is not None:
         raise InvalidInput("--command is only for --engine command; the sim engine builds its own command.")
@@ -58,7 +57,7 @@ def validate(args: Sequence[str], command: str | None) -> None:
             i += 2
 
 
-def build(ctx: EngineContext) -> LaunchPlan:
+def _build(ctx: EngineContext, start_timeout_sec: float) -> LaunchPlan:
     """`PYTHON -m gpud.sim.server --host H --port P --served-model-name N ARGS…` on the model's interpreter."""
     argv = [
         ctx.python,
@@ -72,4 +71,18 @@ def build(ctx: EngineContext) -> LaunchPlan:
         ctx.name,
         *ctx.args,
     ]
-    return LaunchPlan(argv=argv, health_path=HEALTH_PATH, start_timeout_sec=START_TIMEOUT_SEC)
+    return LaunchPlan(argv=argv, health_path=HEALTH_PATH, start_timeout_sec=start_timeout_sec)
+
+
+class SimEngine:
+    name = "sim"
+    start_timeout_sec = 30.0
+
+    def validate(self, args: Sequence[str], command: str | None) -> None:
+        _validate(args, command)
+
+    def build(self, ctx: EngineContext) -> LaunchPlan:
+        return _build(ctx, self.start_timeout_sec)
+
+
+SIM = SimEngine()

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from gpud.engines import EngineContext, LaunchPlan, format_utilization, gpu_memory_utilization
+from gpud.engines.base import EngineContext, LaunchPlan, format_utilization, gpu_memory_utilization
 from gpud.errors import InvalidInput
 
-START_TIMEOUT_SEC = 600.0
 HEALTH_PATH = "/health"
 
 # Flags gpud sets itself, with what the user should do instead. A user copy would win (argparse keeps
@@ -39,17 +38,24 @@ def managed_flag(arg: str, managed: dict[str, str]) -> str | None:
     return None
 
 
-def validate(args: Sequence[str], command: str | None) -> None:
-    """Refuse a command template and any engine arg that sets a flag gpud manages."""
-    if command is not None:
-        raise InvalidInput("--command is only for --engine command; the vllm engine builds its own command.")
-    for arg in args:
-        name = managed_flag(arg, MANAGED_FLAGS)
-        if name is not None:
-            raise InvalidInput(MANAGED_FLAGS[name])
+class VllmEngine:
+    name = "vllm"
+    start_timeout_sec = 600.0
+
+    def validate(self, args: Sequence[str], command: str | None) -> None:
+        """Refuse a command template and any engine arg that sets a flag gpud manages."""
+        if command is not None:
+            raise InvalidInput("--command is only for --engine command; the vllm engine builds its own command.")
+        for arg in args:
+            name = managed_flag(arg, MANAGED_FLAGS)
+            if name is not None:
+                raise InvalidInput(MANAGED_FLAGS[name])
+
+    def build(self, ctx: EngineContext) -> LaunchPlan:
+        return _build(ctx, self.start_timeout_sec)
 
 
-def build(ctx: EngineContext) -> LaunchPlan:
+def _build(ctx: EngineContext, start_timeout_sec: float) -> LaunchPlan:
     """`vllm serve MODEL --host H --port P --served-model-name N --gpu-memory-utilization U ARGS…`."""
     # Resolved through the replica's PATH, which has the model's venv bin/ first (SPEC §6: vllm from the venv),
     # so a venv that layers on a vllm installed beneath it still finds one.
@@ -69,4 +75,7 @@ def build(ctx: EngineContext) -> LaunchPlan:
         utilization,
         *ctx.args,
     ]
-    return LaunchPlan(argv=argv, health_path=HEALTH_PATH, start_timeout_sec=START_TIMEOUT_SEC)
+    return LaunchPlan(argv=argv, health_path=HEALTH_PATH, start_timeout_sec=start_timeout_sec)
+
+
+VLLM = VllmEngine()

@@ -5,11 +5,14 @@ available(GPU) = total − used by processes gpud does not own − Σ gpud reser
 gpud's own replica processes show up in the driver's `used` figure, yet their memory is already counted
 by their reservation; the ledger subtracts what those processes (their pids come from `owned_pids`) use so
 it is not counted twice. Pure state and arithmetic: the backend is injected, nothing here does I/O itself.
+
+The service is the one owner of reservations: it reserves what placement chose and releases a replica's
+reservation once its processes are gone (the supervisor tells it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +21,22 @@ from gpud.gpus.base import DeviceReading, GpuBackend
 from gpud.gpus.placement import GpuView, plan_json
 from gpud.units import format_size
 
-DEFAULT_HEADROOM = 512 * 2**20
+
+class OwnedPids:
+    """The processes of gpud's replicas, by replica: the supervisor fills it as it sees their trees, the
+    ledger reads it (the memory those processes use is counted by their reservations already)."""
+
+    def __init__(self) -> None:
+        self._by_replica: dict[tuple[str, int], frozenset[int]] = {}
+
+    def set(self, model: str, index: int, pids: Iterable[int]) -> None:
+        self._by_replica[(model, index)] = frozenset(pids)
+
+    def discard(self, model: str, index: int) -> None:
+        self._by_replica.pop((model, index), None)
+
+    def all(self) -> frozenset[int]:
+        return frozenset().union(*self._by_replica.values())
 
 
 @dataclass(frozen=True)
@@ -56,14 +74,14 @@ class Ledger:
         self,
         backend: GpuBackend,
         *,
-        headroom_bytes: int = DEFAULT_HEADROOM,
-        owned_pids: Callable[[], set[int]] = set,
+        headroom_bytes: int,
+        owned: OwnedPids | None = None,
     ) -> None:
         if headroom_bytes < 0:
             raise ValueError("headroom_bytes cannot be negative")
         self._backend = backend
         self._headroom = headroom_bytes
-        self._owned_pids = owned_pids
+        self._owned_pids = owned or OwnedPids()
         # Insertion order is kept so listings follow the order replicas were placed.
         self._reservations: dict[tuple[str, int], Reservation] = {}
         self._devices: dict[int, DeviceReading] = {}
@@ -80,7 +98,7 @@ class Ledger:
         # Owned pids are taken after the reading: a replica process seen in the reading is then surely in
         # the set (unless it already exited, and then its memory is gone too). The other order could count
         # a just-started replica's memory twice.
-        owned = frozenset(self._owned_pids())
+        owned = self._owned_pids.all()
         self._devices = {d.index: d for d in sorted(readings, key=lambda d: d.index)}
         self._owned = owned
 

@@ -10,8 +10,6 @@ only half sent. What it does not give, and this module adds:
     so that file descriptors stay for the replicas' connections and the control socket;
   - a deadline for the *first* request head of a connection (aiohttp up to 3.13 arms no timer before the
     first request, so a client trickling header bytes held its connection forever).
-* `ServerLog`: aiohttp logs every malformed request as an error with a traceback, so any client could fill
-  the daemon's log (and disk) with garbage; those become one debug line, real errors keep their traceback.
 * `Stall`: a per-request watchdog that cuts the client connection when reading the request body or writing
   the response makes no progress for `timeout` seconds (a client that stops sending, or stops reading a
   stream: without it, such a request would hold its replica slot and its buffers forever).
@@ -26,12 +24,9 @@ import asyncio
 import json
 import logging
 import resource
-import sys
-from collections.abc import Callable, MutableMapping
-from typing import Any
+from collections.abc import Callable
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 
 log = logging.getLogger(__name__)
 
@@ -63,23 +58,6 @@ def auto_max_connections(soft_limit: int | None = None) -> int:
     if soft_limit == resource.RLIM_INFINITY:
         soft_limit = 1 << 20
     return max(16, (soft_limit - _FD_RESERVE) // 2)
-
-
-class ServerLog(logging.LoggerAdapter):  # type: ignore[type-arg]
-    """The `logger` for aiohttp's server: malformed requests (the client's fault) at debug level, one line."""
-
-    def __init__(self, logger: logging.Logger) -> None:
-        super().__init__(logger, {})
-
-    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
-        return msg, kwargs
-
-    def exception(self, msg: object, *args: object, exc_info: Any = True, **kwargs: Any) -> None:
-        exc = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1]
-        if isinstance(exc, (HttpProcessingError, web.RequestPayloadError)):
-            self.debug("%s: %s", str(msg) % args, str(exc).replace("\n", " "))
-        else:
-            self.error(msg, *args, exc_info=exc_info, **kwargs)
 
 
 class _Refused(asyncio.Protocol):
@@ -149,7 +127,7 @@ class Listener:
         # is cancelled when the head comes: a pending timer would keep the connection's objects alive.
         self._awaiting_head: dict[asyncio.BaseProtocol, asyncio.TimerHandle] = {}
         self._open = 0
-        self._tcp: asyncio.AbstractServer | None = None
+        self._tcp: asyncio.Server | None = None
 
     async def listen(self, host: str, port: int, *, backlog: int = 1024) -> None:
         """Bind and listen; OSError as from loop.create_server."""
@@ -209,7 +187,7 @@ class Stall:
 
     __slots__ = ("_loop", "_transport", "_timeout", "_since", "_handle", "fired")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, transport: asyncio.BaseTransport, timeout: float) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, transport: asyncio.Transport, timeout: float) -> None:
         self._loop = loop
         self._transport = transport
         self._timeout = timeout

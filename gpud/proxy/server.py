@@ -34,14 +34,14 @@ import errno
 import hmac
 import logging
 import time
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from aiohttp import web
 
+from gpud.config import ProxySettings
 from gpud.errors import GpudError
 from gpud.proxy.balancer import choose
-from gpud.proxy.guard import Listener, ServerLog, Stall
+from gpud.proxy.guard import Listener, Stall
 from gpud.proxy.message import (
     MODEL_HEADER,
     error_response,
@@ -59,9 +59,7 @@ from gpud.proxy.upstream import (
     UpstreamTimeout,
 )
 from gpud.registry import Model, Registry, Replica
-
-if TYPE_CHECKING:
-    from gpud.config import Settings
+from gpud.serverlog import ServerLog
 
 log = logging.getLogger(__name__)
 
@@ -76,52 +74,27 @@ class Proxy:
     def __init__(
         self,
         registry: Registry,
+        settings: ProxySettings = ProxySettings(),  # noqa: B008 - frozen, so one shared default is safe
         *,
-        api_keys: Sequence[str] = (),
-        max_body_bytes: int = 32 * 2**20,
         metrics: Metrics | None = None,
         on_connect_failure: Callable[[Replica], None] = lambda r: None,
-        idle_timeout_sec: float = 300.0,
-        client_timeout_sec: float = 60.0,
-        max_connections: int = 0,
     ) -> None:
-        """idle_timeout_sec: how long a replica may send nothing; client_timeout_sec: how long a client may
-        take to send a request head, pause while sending a body, or leave response bytes unread;
+        """settings.idle_timeout_sec: how long a replica may send nothing; client_timeout_sec: how long a client
+        may take to send a request head, pause while sending a body, or leave response bytes unread;
         max_connections: open client connections at most (0: derived from the file descriptor limit)."""
         self._registry = registry
-        self._keys = tuple(k.encode() for k in api_keys if k)
-        self._max_body = max_body_bytes
+        self._keys = tuple(k.encode() for k in settings.api_keys if k)
+        self._max_body = settings.max_body_bytes
         self._metrics = metrics
         self._on_connect_failure = on_connect_failure
-        self._idle_timeout = idle_timeout_sec
-        self._client_timeout = client_timeout_sec
-        self._max_connections = max_connections
+        self._idle_timeout = settings.idle_timeout_sec
+        self._client_timeout = settings.client_timeout_sec
+        self._max_connections = settings.max_connections
         self._pool: Pool | None = None
         self._runner: web.AppRunner | None = None
         self._listener: Listener | None = None
         # Used when no Metrics object is given, so the hot path never branches on it.
         self._null_series = NullSeries()
-
-    @classmethod
-    def from_settings(
-        cls,
-        registry: Registry,
-        settings: Settings,
-        *,
-        metrics: Metrics | None = None,
-        on_connect_failure: Callable[[Replica], None] = lambda r: None,
-    ) -> Proxy:
-        """A proxy configured from the daemon's `[proxy]` settings."""
-        return cls(
-            registry,
-            api_keys=settings.api_keys,
-            max_body_bytes=settings.max_body_bytes,
-            metrics=metrics,
-            on_connect_failure=on_connect_failure,
-            idle_timeout_sec=settings.proxy_idle_timeout_sec,
-            client_timeout_sec=settings.proxy_client_timeout_sec,
-            max_connections=settings.proxy_max_connections,
-        )
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 

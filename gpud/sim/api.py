@@ -283,7 +283,7 @@ def parse_embeddings(body: dict[str, Any], default_model: str) -> EmbeddingJob:
     elif value and isinstance(value[0], int):
         texts = (dumps(value),)
     else:
-        texts = tuple(value)
+        texts = tuple(str(v) for v in value or ())
     encoding = body.get("encoding_format", "float")
     if encoding not in ("float", "base64", None):
         raise RequestError('\'encoding_format\' must be "float" or "base64".')

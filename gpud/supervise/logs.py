@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 
 from gpud.errors import InvalidInput
@@ -200,8 +200,10 @@ def tail(path: Path, lines: int) -> list[str]:
     return _split_lines(_tail_bytes(Path(path), lines))[-lines:]
 
 
-async def follow(path: Path, *, from_lines: int, poll_interval: float = 0.2) -> AsyncIterator[str]:
-    """Yield the last `from_lines` lines, then each new complete line as it is appended.
+async def follow(
+    path: Path, *, from_lines: int, poll_interval: float = 0.2, until: asyncio.Event | None = None
+) -> AsyncGenerator[str, None]:
+    """Yield the last `from_lines` lines, then each new complete line as it is appended, until `until` is set.
 
     Survives rotation (FILE replaced: the old file is read to its end first) and truncation. Waits
     for the file if it does not exist yet. Output that several rotations overtake within one poll
@@ -225,7 +227,7 @@ async def follow(path: Path, *, from_lines: int, poll_interval: float = 0.2) -> 
 
     def read_new() -> bytes:
         nonlocal pos
-        out = []
+        out: list[bytes] = []
         while True:
             block = os.pread(fd, 1024 * 1024, pos)
             if not block:
@@ -268,6 +270,8 @@ async def follow(path: Path, *, from_lines: int, poll_interval: float = 0.2) -> 
                     continue
             elif open_current():
                 continue
+            if until is not None and until.is_set():
+                return
             await asyncio.sleep(poll_interval)
     finally:
         if fd >= 0:

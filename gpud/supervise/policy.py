@@ -2,21 +2,32 @@
 
 from __future__ import annotations
 
+import enum
 from collections import deque
 from dataclasses import dataclass
 
 
+class Restart(str, enum.Enum):
+    """systemd's Restart= values that gpud supports (`[supervisor] restart`)."""
+
+    ON_FAILURE = "on-failure"
+    ALWAYS = "always"
+    NO = "no"
+
+
 @dataclass(frozen=True)
 class RestartPolicy:
-    restart: str = "on-failure"      # "on-failure" | "always" | "no"
-    restart_sec: float = 0.1
-    restart_max_delay_sec: float = 30.0
+    """The values come from SupervisorSettings, where their defaults live."""
+
+    restart: Restart
+    restart_sec: float
+    restart_max_delay_sec: float
 
     def should_restart(self, *, clean_exit: bool) -> bool:
         """clean_exit: the process ended with code 0 on its own (not a crash, signal or failed health)."""
-        if self.restart == "always":
+        if self.restart is Restart.ALWAYS:
             return True
-        if self.restart == "on-failure":
+        if self.restart is Restart.ON_FAILURE:
             return not clean_exit
         return False
 
@@ -26,7 +37,7 @@ class RestartPolicy:
             return min(self.restart_sec, self.restart_max_delay_sec)
         # Cap the exponent: 2**1000 overflows float math long after the cap has been reached.
         exponent = min(consecutive_failures - 1, 64)
-        return min(self.restart_sec * (2**exponent), self.restart_max_delay_sec)
+        return min(self.restart_sec * float(2**exponent), self.restart_max_delay_sec)
 
 
 class StartLimit:

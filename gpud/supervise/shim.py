@@ -29,7 +29,7 @@ It is a plain selectors loop rather than asyncio: it starts for every replica, s
 from __future__ import annotations
 
 import argparse
-import ctypes
+import enum
 import errno
 import fcntl
 import json
@@ -46,12 +46,11 @@ from typing import Any
 import psutil
 
 from gpud.errors import InvalidInput
+from gpud.exits import describe_exit, signal_name
+from gpud.supervise.lifeline import become_subreaper, die_with_parent, kill_with_parent
 from gpud.supervise.logs import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES, RotatingWriter
-from gpud.supervise.procs import describe_exit, signal_name
 from gpud.units import parse_size
 
-PR_SET_PDEATHSIG = 1
-PR_SET_CHILD_SUBREAPER = 36
 F_SETPIPE_SZ = 1031
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 PARENT_POLL_S = 1.0  # how often getppid() is re-checked while the engine runs
@@ -63,19 +62,12 @@ READ_CHUNK = 1024 * 1024
 EXIT_EXEC_FAILED = 127
 
 
-def _prctl(option: int, value: int) -> bool:
-    """prctl(2) through libc; False where unavailable (not Linux) or refused."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return int(libc.prctl(option, ctypes.c_ulong(value), 0, 0, 0)) == 0
-    except (OSError, AttributeError):
-        return False
+class Pumped(enum.Enum):
+    """What one read of the engine's output found."""
 
-
-def _engine_preexec() -> None:
-    # Runs in the forked engine before exec. Should the shim itself be SIGKILLed (the OOM killer),
-    # the engine goes too instead of running on unsupervised.
-    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    DATA = "data"
+    EMPTY = "empty"  # nothing for now
+    EOF = "eof"
 
 
 def exec_error_sentence(program: str, err: BaseException) -> str:
@@ -163,7 +155,10 @@ class Shim:
         try:
             proc = subprocess.Popen(
                 self.argv, stdin=subprocess.DEVNULL, stdout=log_w, stderr=log_w,
-                close_fds=True, restore_signals=True, preexec_fn=_engine_preexec,
+                close_fds=True, restore_signals=True,
+                # Should the shim itself be SIGKILLed (the OOM killer), the engine goes too instead of running
+                # on unsupervised.
+                preexec_fn=kill_with_parent,
             )
         except (OSError, subprocess.SubprocessError) as err:
             return exec_error_sentence(self.argv[0], err)
@@ -189,7 +184,7 @@ class Shim:
             while True:
                 for key, _ in sel.select(self._timeout()):
                     if key.data == "log":
-                        if self.pump() == "eof":
+                        if self.pump() is Pumped.EOF:
                             sel.unregister(self.log_r)
                     else:
                         self._drain_wakeup()
@@ -206,7 +201,7 @@ class Shim:
                     self.enforce()
         finally:
             sel.close()
-        while self.pump() == "data":  # every writer is gone now: read what is left
+        while self.pump() is Pumped.DATA:  # every writer is gone now: read what is left
             pass
         return self.finish()
 
@@ -225,16 +220,16 @@ class Shim:
         except BlockingIOError:
             pass
 
-    def pump(self) -> str:
-        """Copy what the engine wrote into the log: "data", "empty" (nothing for now) or "eof"."""
+    def pump(self) -> Pumped:
+        """Copy what the engine wrote into the log."""
         try:
             data = os.read(self.log_r, READ_CHUNK)
         except BlockingIOError:
-            return "empty"
+            return Pumped.EMPTY
         if not data:
-            return "eof"
+            return Pumped.EOF
         self._write_log(data)
-        return "data"
+        return Pumped.DATA
 
     def handle_signals(self) -> None:
         pending, self.pending_signals = self.pending_signals, []
@@ -377,8 +372,8 @@ def main(args: list[str] | None = None) -> int:
     try:
         # Handlers before anything can start: a SIGTERM from here on is a clean stop, never a leak.
         shim.install_signals()
-        _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        if not _prctl(PR_SET_CHILD_SUBREAPER, 1):
+        die_with_parent(signal.SIGTERM)
+        if not become_subreaper():
             shim.note("warning: cannot become a child subreaper; processes that detach may escape")
         if shim.parent_gone():  # the daemon died before prctl took effect
             sentence = f"The daemon (pid {parent_pid}) exited before the replica could start."

@@ -24,7 +24,6 @@ free while an orphaned installer might still write into a temp dir.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import json
 import os
@@ -39,11 +38,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from gpud.exits import describe_returncode
+from gpud.supervise.lifeline import die_with_parent, kill_with_parent
+
 META_FILE = ".gpud-venv.json"  # metadata and completion marker: written last
 LAST_USED_FILE = ".gpud-last-used"  # its mtime is when a model last resolved this venv
 SIZE_FILE = ".gpud-size"  # bytes of the venv, measured by the daemon after the build (off the critical path)
 LAYER_PTH = "zzz_gpud_layer.pth"  # .pth files run in name order: the layer comes after the venv's own
-PR_SET_PDEATHSIG = 1
 _ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
@@ -58,16 +59,6 @@ class BuildFailed(Exception):
 def emit(kind: str, **fields: Any) -> None:
     sys.stdout.write(json.dumps({"gpud": kind, **fields}) + "\n")
     sys.stdout.flush()
-
-
-def _prctl_pdeathsig(sig: int) -> None:
-    """Ask the kernel for `sig` when our parent dies (Linux only; elsewhere a no-op)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(sig), 0, 0, 0)
-
-
-def _installer_preexec() -> None:
-    _prctl_pdeathsig(signal.SIGKILL)
 
 
 def _on_signal(signum: int, frame: object) -> None:
@@ -129,7 +120,7 @@ def run_installer(cmd: list[str], lock_fd: int) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
     env["PYTHONUNBUFFERED"] = "1"
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env=env, pass_fds=(lock_fd,), preexec_fn=_installer_preexec)
+                            env=env, pass_fds=(lock_fd,), preexec_fn=kill_with_parent)
     try:
         assert proc.stdout is not None
         for raw in proc.stdout:
@@ -144,8 +135,7 @@ def run_installer(cmd: list[str], lock_fd: int) -> None:
         raise
     if rc != 0:
         tool = "pip install" if cmd[1] == "-m" else "uv pip install"
-        how = f"was killed by signal {-rc}" if rc < 0 else f"exited with code {rc}"
-        raise BuildFailed(f"{tool} {how}")
+        raise BuildFailed(f"{tool} failed ({describe_returncode(rc)})")
 
 
 def relocate(tmp: Path, final: Path, *others: Path) -> None:
@@ -273,7 +263,7 @@ def build(job: dict[str, Any]) -> int:
 
 def main(argv: list[str]) -> int:
     job = json.loads(argv[0])
-    _prctl_pdeathsig(signal.SIGTERM)
+    die_with_parent(signal.SIGTERM)
     if os.getppid() != job["parent_pid"]:  # the daemon died before prctl took effect
         return 1
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

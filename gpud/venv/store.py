@@ -20,7 +20,6 @@ import importlib.metadata
 import json
 import os
 import shutil
-import signal
 import sys
 import uuid
 from collections import Counter, deque
@@ -30,6 +29,7 @@ from typing import Any
 
 import gpud
 from gpud.errors import GpudError
+from gpud.exits import describe_returncode
 from gpud.registry import Model, Registry
 from gpud.venv.build import LAST_USED_FILE, META_FILE, SIZE_FILE
 from gpud.venv.key import (
@@ -52,7 +52,7 @@ class VenvBuildFailed(GpudError):
 def find_uv() -> str | None:
     """uv's binary: from the `uv` package next to the daemon, else on PATH."""
     try:
-        from uv import find_uv_bin  # type: ignore[import-not-found]
+        from uv import find_uv_bin
 
         return str(find_uv_bin())
     except (ImportError, FileNotFoundError):
@@ -80,15 +80,6 @@ def _virtualenv_version() -> str:
         return importlib.metadata.version("virtualenv")
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
-
-
-def _describe_exit(rc: int) -> str:
-    if rc < 0:
-        try:
-            return f"was killed by {signal.Signals(-rc).name}"
-        except ValueError:
-            return f"was killed by signal {-rc}"
-    return f"exited with code {rc}"
 
 
 # ---- the store -----------------------------------------------------------------------------------------
@@ -214,7 +205,7 @@ class VenvStore:
                 await asyncio.shield(proc.wait())
             raise
         if rc != 0 or not self.is_complete(key):
-            reason = error or f"the venv builder {_describe_exit(rc)}"
+            reason = error or f"the venv builder failed ({describe_returncode(rc)})"
             last = " | ".join(tail)
             raise VenvBuildFailed(
                 f"Could not build the virtualenv for {' '.join(requirements)}: {reason}"

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A stand-in for the `vllm` executable, for tests of the vllm engine through a real daemon.
 
-tests/test_vllm_engine.py copies this file to TMP/bin/vllm with a `#!{sys.executable}` shebang and puts
+tests/engines/test_vllm_engine.py copies this file to TMP/bin/vllm with a `#!{sys.executable}` shebang and puts
 TMP/bin first on the daemon's PATH, so that gpud's `vllm serve MODEL --host H --port P …` runs it.
 
 It behaves like vLLM where gpud can tell:

@@ -21,8 +21,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from gpud.cli.client import Client, StreamTimeout, model_path
 from gpud.cli import main as cli
+from gpud.cli.client import Client, StreamTimeout, model_path
 from gpud.errors import Conflict, DaemonUnreachable, DoesNotFit, GpudError, InvalidInput, NotFound
 
 

@@ -6,17 +6,13 @@ import sys
 from collections.abc import Iterator
 
 import pytest
+from fakes import fake_pynvml as fp
 
 from gpud.errors import GpudError, InvalidInput
 from gpud.gpus import open_backend, parse_sim_spec
 from gpud.gpus.base import DeviceReading, GpuProcess
 from gpud.gpus.nvml import MIG_REASON, NvmlBackend
 from gpud.gpus.sim import MAX_SIM_DEVICES, SimBackend
-
-try:  # tests/ is a plain directory that pytest puts on sys.path; tolerate it becoming a package
-    import fake_pynvml as fp
-except ImportError:  # pragma: no cover
-    from tests import fake_pynvml as fp
 
 FakeDevice, FakeProcess, FakePynvml, install = fp.FakeDevice, fp.FakeProcess, fp.FakePynvml, fp.install
 

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, wait_until
+from helpers import Daemon, wait_until
 
 from gpud.cli.client import model_path
 from gpud.errors import GpudError

@@ -9,18 +9,19 @@ from __future__ import annotations
 import json
 import sys
 import types
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from gpud.cli import commands, parser, render, requests
 from gpud.cli import main as cli
-from gpud.cli import render
 
 NO_DAEMON = "/nonexistent/gpud.sock"
 
 
 def body(*argv: str) -> dict[str, Any]:
-    return cli.start_body(cli.parse(["model", "start", *argv]))
+    return requests.start_body(parser.parse(["model", "start", *argv]))
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -63,14 +64,35 @@ def test_every_start_flag() -> None:
     }
 
 
+def test_readiness_flags_for_servers_without_health() -> None:
+    sent = body("m", "--engine", "command", "--command", "srv --port {port}", "--health-path", "/v1/models",
+                "--start-timeout", "90")
+    assert (sent["health_path"], sent["start_timeout_sec"]) == ("/v1/models", 90.0)
+
+
+def test_a_local_path_is_made_absolute_and_names_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "tiny.gguf").write_bytes(b"GGUF")
+    (tmp_path / "Qwen2.5-0.5B").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert body("./tiny.gguf", "--engine", "sim") | {} == {
+        "name": "tiny", "model": str(tmp_path / "tiny.gguf"), "engine": "sim", "replicas": 1}
+    # A bare word that names a directory here is a path too (as vLLM decides), and a trailing / is fine.
+    assert body("Qwen2.5-0.5B/", "--engine", "sim")["model"] == str(tmp_path / "Qwen2.5-0.5B")
+    assert body("Qwen2.5-0.5B", "--engine", "sim", "--name", "q")["name"] == "q"
+    # A Hugging Face id that is not a local directory stays as it is.
+    assert body("Qwen/Qwen2.5-0.5B", "--engine", "sim")["model"] == "Qwen/Qwen2.5-0.5B"
+
+
 def test_wait_and_output_flags_are_parsed() -> None:
-    ns = cli.parse(["--socket", "/s", "model", "start", "m", "--no-wait", "--timeout", "5", "-o", "json"])
+    ns = parser.parse(["--socket", "/s", "model", "start", "m", "--no-wait", "--timeout", "5", "-o", "json"])
     assert (ns.socket, ns.no_wait, ns.timeout, ns.output) == ("/s", True, "5", "json")
-    assert cli.parse(["model", "start", "m"]).engine_args is None
+    assert parser.parse(["model", "start", "m"]).engine_args is None
 
 
 def test_socket_is_also_accepted_after_the_command() -> None:
-    assert cli.parse(["model", "list", "--socket", "/s"]).socket == "/s"
+    assert parser.parse(["model", "list", "--socket", "/s"]).socket == "/s"
 
 
 def test_command_template_implies_the_command_engine() -> None:
@@ -92,7 +114,9 @@ def test_command_template_implies_the_command_engine() -> None:
         (["model", "start", "m", "-e", "1BAD=x"], "gpud: Invalid --env name '1BAD'"),
         (["model", "start", "m", "-e", "CUDA_VISIBLE_DEVICES=1"], "gpud: CUDA_VISIBLE_DEVICES is managed by gpud"),
         (["model", "start", "m", "--unset-env", "GPUD_PORT"], "gpud: GPUD_PORT is managed by gpud"),
-        (["model", "start", "../etc"], "gpud: Invalid model '../etc'"),
+        (["model", "start", "../no-such-gpud-model"], "gpud: Invalid MODEL '../no-such-gpud-model': no such file"),
+        (["model", "start", "m", "--name", ""], "gpud: Invalid --name ''"),
+        (["model", "start", "m", "--start-timeout", "0"], "gpud: Invalid --start-timeout '0'"),
         (["model", "start", "m", "--name", "a//b"], "gpud: Invalid --name 'a//b'"),
         (["model", "start", "m", "--engine", "command"], "gpud: The command engine needs --command TEMPLATE"),
         (["model", "start", "m", "--engine", "sim", "--command", "x"], "gpud: --command only applies to"),
@@ -152,7 +176,7 @@ def test_unexpected_errors_are_one_sentence(monkeypatch: pytest.MonkeyPatch, cap
     def boom(_ns: Any) -> int:
         raise RuntimeError("kaboom")
 
-    monkeypatch.setattr(cli, "cmd_read", boom)
+    monkeypatch.setattr(commands, "cmd_read", boom)
     code, _, err = run(capsys, "status")
     assert code == 1
     assert err == "gpud: Unexpected error (RuntimeError: kaboom); set GPUD_DEBUG=1 to see the traceback.\n"
@@ -320,7 +344,7 @@ def test_ctrl_c_ends_logs_follow_quietly(monkeypatch: pytest.MonkeyPatch, capsys
         yield "one"
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli.Client, "stream_lines", lines)
+    monkeypatch.setattr(commands.Client, "stream_lines", lines)
     assert run(capsys, "model", "logs", "demo", "-f") == (0, "one\n", "")
 
 
@@ -330,8 +354,8 @@ def test_ctrl_c_while_waiting_says_the_operation_goes_on(
     def interrupted(self: Any, *args: Any, **kwargs: Any) -> Any:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli.Client, "request", lambda self, *a, **k: {**SHOW, "busy": True})
-    monkeypatch.setattr(cli.Client, "wait_for_model", interrupted)
+    monkeypatch.setattr(commands.Client, "request", lambda self, *a, **k: {**SHOW, "busy": True})
+    monkeypatch.setattr(commands.Client, "wait_for_model", interrupted)
     assert run(capsys, "model", "restart", "demo") == (
         130, "", "gpud: Stopped waiting; the operation goes on in the background (check with `gpud model show demo`).\n"
     )

@@ -6,9 +6,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gpud.config import DEFAULT_HEADROOM_BYTES
 from gpud.errors import Conflict, DoesNotFit, NotFound
 from gpud.gpus.base import GpuProcess
-from gpud.gpus.ledger import DEFAULT_HEADROOM, Ledger, Reservation
+from gpud.gpus.ledger import Ledger, OwnedPids, Reservation
 from gpud.gpus.placement import GpuView
 from gpud.gpus.sim import SimBackend, parse_sim_spec
 
@@ -19,7 +20,9 @@ MiB = 2**20
 def make(spec: str = "sim:2x24GiB", *, headroom: int = 0, owned: set[int] | None = None) -> tuple[Ledger, SimBackend]:
     backend = SimBackend(parse_sim_spec(spec))
     pids = owned if owned is not None else set()
-    return Ledger(backend, headroom_bytes=headroom, owned_pids=lambda: set(pids)), backend
+    table = OwnedPids()
+    table.set("m", 0, pids)
+    return Ledger(backend, headroom_bytes=headroom, owned=table), backend
 
 
 def r(model: str, replica: int, gpus: tuple[int, ...], vram: tuple[int, ...], exclusive: bool = False) -> Reservation:
@@ -27,8 +30,8 @@ def r(model: str, replica: int, gpus: tuple[int, ...], vram: tuple[int, ...], ex
 
 
 def test_default_headroom_is_512mib() -> None:
-    ledger = Ledger(SimBackend(parse_sim_spec("sim:24GiB")))
-    assert ledger.headroom_bytes == DEFAULT_HEADROOM == 512 * MiB
+    ledger = Ledger(SimBackend(parse_sim_spec("sim:24GiB")), headroom_bytes=DEFAULT_HEADROOM_BYTES)
+    assert ledger.headroom_bytes == DEFAULT_HEADROOM_BYTES == 512 * MiB
     assert ledger.available(0) == 24 * GiB - 512 * MiB
 
 
@@ -44,8 +47,9 @@ def test_available_subtracts_used_by_others_reservations_and_headroom() -> None:
 
 
 def test_owned_pids_memory_is_not_counted_twice() -> None:
-    owned = {1000}
-    ledger, backend = make("sim:24GiB", owned=owned)
+    owned = OwnedPids()
+    owned.set("m", 0, {1000})
+    ledger = Ledger(backend := SimBackend(parse_sim_spec("sim:24GiB")), headroom_bytes=0, owned=owned)
     ledger.reserve([r("m", 0, (0,), (10 * GiB,))])
     # The replica (pid 1000) now really uses 9 GiB; someone else (pid 7) uses 3 GiB.
     backend.set_used(0, 12 * GiB, [GpuProcess(1000, 9 * GiB), GpuProcess(7, 3 * GiB)])
@@ -53,7 +57,7 @@ def test_owned_pids_memory_is_not_counted_twice() -> None:
     assert ledger.used_by_others(0) == 3 * GiB
     assert ledger.available(0) == 24 * GiB - 3 * GiB - 10 * GiB
     # When the pid is no longer ours (e.g. the replica's tree changed), its memory counts as others'.
-    owned.clear()
+    owned.discard("m", 0)
     ledger.refresh()
     assert ledger.used_by_others(0) == 12 * GiB
 
@@ -75,12 +79,13 @@ def test_owned_pids_read_after_backend() -> None:
         order.append("read")
         return real_read()
 
-    def owned() -> set[int]:
-        order.append("owned")
-        return set()
+    class Owned(OwnedPids):
+        def all(self) -> frozenset[int]:
+            order.append("owned")
+            return frozenset()
 
     backend.read = read  # type: ignore[method-assign]
-    Ledger(backend, owned_pids=owned)
+    Ledger(backend, headroom_bytes=0, owned=Owned())
     assert order == ["read", "owned"]
 
 

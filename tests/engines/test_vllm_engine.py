@@ -16,10 +16,10 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import Daemon
+from helpers import Daemon
 
 GiB = 2**30
-FAKE = Path(__file__).parent / "fakes" / "vllm.py"
+FAKE = Path(__file__).parents[1] / "fakes" / "vllm.py"
 MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 
 

@@ -9,7 +9,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 import pytest
-from conftest import Daemon, control_connection
+from helpers import Daemon, control_connection
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from conftest import wait_until
+from helpers import make_proxy, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -100,7 +100,7 @@ def hosted(**proxy_kwargs: Any) -> Iterator[Hosted]:
         )
         registry.models["m"] = model
         metrics = Metrics(registry)
-        proxy = Proxy(registry, metrics=metrics, **proxy_kwargs)
+        proxy = make_proxy(registry, metrics=metrics, **proxy_kwargs)
         await proxy.start("127.0.0.1", 0)
         ready.update(proxy=proxy, metrics=metrics, loop=asyncio.get_running_loop())
         started.set()

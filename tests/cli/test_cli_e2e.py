@@ -6,7 +6,7 @@ import json
 import os
 import signal
 
-from conftest import Daemon, wait_until
+from helpers import FAST_CONFIG, Daemon, tiny_command, wait_until
 
 
 def test_readme_flow(daemon: Daemon) -> None:
@@ -67,3 +67,17 @@ def test_logs(daemon: Daemon) -> None:
                      10, "log lines")
     assert out.returncode == 0 and "listening" in out.stdout
     assert daemon.cli("model", "logs", "Org/m", "--replica", "4").returncode == 5
+
+
+def test_a_server_without_health_is_ready_on_the_path_it_has(make_daemon) -> None:
+    # llama-cpp-python's server has no /health (404): --health-path names one it has.
+    daemon = make_daemon(config=FAST_CONFIG + 'restart = "no"\n', env={"MISSING": "/health"}).start()
+    ok = daemon.cli("model", "start", "llama", "--engine", "command", "--command", tiny_command(), "--vram", "1GiB",
+                    "--health-path", "/v1/models", "-o", "json")
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["state"] == "running"
+    # Without it, the start timeout says which path was polled and what it answered.
+    out = daemon.cli("model", "start", "other", "--engine", "command", "--command", tiny_command(), "--vram", "1GiB",
+                     "--start-timeout", "1")
+    assert out.returncode == 1
+    assert "did not become ready within 1 s (GET /health on port" in out.stderr and ": HTTP 404)" in out.stderr

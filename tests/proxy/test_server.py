@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from helpers import make_proxy
 
 from gpud.errors import GpudError
 from gpud.proxy.metrics import Metrics
@@ -28,7 +29,7 @@ from gpud.proxy.server import Proxy
 from gpud.registry import Model, Registry, Replica, ReplicaState
 from gpud.spec import ModelSpec
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 READY = ReplicaState.READY
 COMPLETION = {"model": "m", "prompt": "hi", "max_tokens": 1}
 
@@ -118,7 +119,7 @@ def make_registry(models: dict[str, list[int]], state: ReplicaState = READY) -> 
 
 @contextlib.asynccontextmanager
 async def serving(registry: Registry, **kwargs: Any) -> AsyncIterator[tuple[Proxy, aiohttp.ClientSession]]:
-    proxy = Proxy(registry, **kwargs)
+    proxy = make_proxy(registry, **kwargs)
     await proxy.start("127.0.0.1", 0)
     try:
         host, port = proxy.address

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import wait_until
+from helpers import wait_until
 
 from gpud.supervise.logs import tail
 from gpud.supervise.procs import alive
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # One engine program; its arguments are steps run in order (see the test names for what they build).
 ENGINE = r'''

@@ -8,7 +8,7 @@ import signal
 import threading
 import urllib.request
 
-from conftest import Daemon, wait_until
+from helpers import Daemon, wait_until
 
 from gpud.cli.client import model_path
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import os
 import socket
+from pathlib import Path
 
 import pytest
-from conftest import Daemon, control_connection
+from helpers import Daemon, control_connection
 
 from gpud.cli.client import model_path
 from gpud.control.api import peer_allowed
@@ -30,6 +31,11 @@ def raw_request(daemon: Daemon, method: str, path: str, body: bytes | None = Non
         ("POST", "/v1/models", b"[1, 2]", 422, "invalid"),
         ("POST", "/v1/models", b'{"model": "m", "replicas": 1e400}', 422, "invalid"),
         ("POST", "/v1/models", b'{"model": "m", "vram": {"a": 1}}', 422, "invalid"),
+        # SPEC §2: a name has 1-128 characters; an explicit empty one is not "no name".
+        ("POST", "/v1/models", b'{"model": "m", "engine": "sim", "name": ""}', 422, "invalid"),
+        # A local MODEL must be absolute on the daemon's side (the CLI makes it so) and exist.
+        ("POST", "/v1/models", b'{"model": "./m", "engine": "sim"}', 422, "invalid"),
+        ("POST", "/v1/models", b'{"model": "/no/such/gpud/model", "engine": "sim"}', 422, "invalid"),
         ("POST", "/v1/plan", b'{"replicas": -1}', 422, "invalid"),
         ("GET", "/v1/models/nope", None, 404, "not_found"),
         ("PATCH", "/v1/models/nope", b'{"replicas": 2}', 404, "not_found"),
@@ -124,3 +130,25 @@ def test_a_left_event_stream_does_not_hold_up_shutdown(daemon: Daemon) -> None:
         pass
     lines.close()
     assert daemon.stop(timeout=15) == 0
+
+
+def test_a_request_line_over_the_limit_is_a_4xx_and_one_debug_line(daemon: Daemon) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(daemon.socket)
+        sock.sendall(b"GET /v1/" + b"x" * 20000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = sock.recv(4096)
+    assert answer.split(b" ")[1].startswith(b"4")  # aiohttp answers 400 (as HTTP/1.0)
+    assert daemon.client.request("GET", "/v1/status")["models"] == 0  # still serving
+    log = daemon.log_text()
+    assert "Traceback" not in log and "ERROR" not in log
+
+
+def test_a_local_path_model_is_served_under_its_last_component(daemon: Daemon, short_tmp: Path) -> None:
+    model_dir = short_tmp / "Qwen2.5-0.5B-Instruct"
+    model_dir.mkdir()
+    shown = daemon.start_model({"model": str(model_dir), "engine": "sim", "vram": "1GiB"})
+    assert (shown["name"], shown["model"], shown["state"]) == ("Qwen2.5-0.5B-Instruct", str(model_dir), "running")
+    gguf = short_tmp / "tiny-q8_0.gguf"
+    gguf.write_bytes(b"GGUF")
+    shown = daemon.start_model({"model": str(gguf), "engine": "sim", "vram": "1GiB"})
+    assert shown["name"] == "tiny-q8_0"

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import wait_until
+from helpers import wait_until
 
-from gpud.supervise.procs import alive, describe_exit, find_orphans, kill_tree, signal_name, tree_pids
+from gpud.exits import describe_exit, signal_name
+from gpud.supervise.procs import alive, find_orphans, kill_tree, tree_pids
 
 # Three generations: root -> child -> grandchild, each recording its pid, all sleeping.
 TREE = r'''
