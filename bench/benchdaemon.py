@@ -45,8 +45,8 @@ def running_daemon(workdir: Path, gpus: str, config: str = "", timeout: float = 
             if proc.poll() is not None:
                 raise SystemExit(f"the daemon exited with code {proc.returncode}; see {workdir / 'daemon.log'}")
             with contextlib.suppress(Exception):
-                client.request("GET", "/v1/status")
-                break
+                if client.request("GET", "/v1/status").get("ready"):
+                    break
             if time.monotonic() > deadline:
                 raise SystemExit(f"the daemon did not answer within {timeout:g} s")
             time.sleep(0.05)

@@ -1,7 +1,7 @@
 """Load benchmark (issue #6): many concurrent streaming clients through a real `gpud daemon` on 3 sim replicas.
 
     .venv/bin/python bench/load_bench.py [--clients 1000] [--tokens 50] [--itl-ms 100] [--rounds 2]
-                                   [--write docs/benchmarks.md]
+                                   [--workers 1,2] [--write docs/benchmarks.md]
 
 It starts a daemon on simulated GPUs (its own socket, state dir and proxy port), starts a model of 3 sim
 replicas, then opens `--clients` streaming completions at once through the proxy and reads them to the end.
@@ -9,13 +9,13 @@ It runs that load `--rounds` times in a row and prints:
 
 - how many streams completed (every event, then `data: [DONE]`), and the time to first byte and total
   duration of the streams (p50/p99);
-- the daemon's resident memory (RSS) idle before the load, at its peak during the load (sampled every
-  100 ms), and after each round (it must not grow from round to round);
+- the resident memory (RSS) of the daemon and its proxy workers together, idle before the load, at its peak
+  during the load (sampled every 100 ms), and after each round (it must not grow from round to round);
 - the latency of `gpud model list` (the CLI, a new process each time, as a person would run it) and of the
   control API call behind it (`GET /v1/models` on the socket), idle and during the load (p50/p99).
 
-Everything shares the machine's cores: the client, the daemon (proxy and control API in one event loop)
-and the replicas. With `--write`, the results replace the "## Load" section of the given Markdown file
+All of it once per `--workers` value (`proxy.workers`), side by side. Everything shares the machine's cores:
+the client, the daemon (control API and supervisor), the proxy workers and the replicas. With `--write`, the results replace the "## Load" section of the given Markdown file
 (the other sections are kept).
 """
 
@@ -58,10 +58,20 @@ def percentile(values: list[float], q: float) -> float:
 
 
 @contextlib.contextmanager
-def daemon(workdir: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, int]]:
+def daemon(workdir: Path, workers: int) -> Iterator[tuple[subprocess.Popen[bytes], str, int]]:
     """A gpud daemon on 2 simulated 80 GiB GPUs; yields (process, socket path, proxy port)."""
-    with running_daemon(workdir, "sim:2x80GiB") as d:
+    with running_daemon(workdir, "sim:2x80GiB", f"[proxy]\nworkers = {workers}\n") as d:
         yield d.proc, d.socket, d.port
+
+
+def rss(daemon_ps: psutil.Process) -> int:
+    """The daemon's and its proxy workers' resident memory (the replicas are not gpud's)."""
+    total = daemon_ps.memory_info().rss
+    for child in daemon_ps.children():
+        with contextlib.suppress(psutil.Error):
+            if "gpud.proxy.worker" in " ".join(child.cmdline()):
+                total += child.memory_info().rss
+    return total
 
 
 def cli_latency(sock: str) -> float:
@@ -121,6 +131,7 @@ def main() -> int:
     parser.add_argument("--itl-ms", type=float, default=100.0, help="the sim's time between tokens")
     parser.add_argument("--rounds", type=int, default=2, help="loads in a row (memory must not grow)")
     parser.add_argument("--idle-samples", type=int, default=10)
+    parser.add_argument("--workers", default="1,2", help="proxy.workers values to measure, e.g. 1,2")
     parser.add_argument("--write", type=Path, help="Markdown file whose '## Load' section to replace")
     args = parser.parse_args()
 
@@ -131,9 +142,27 @@ def main() -> int:
     if wanted < 2 * args.clients + 512:
         raise SystemExit(f"the open-file limit ({hard}) is too low for {args.clients} clients")
 
+    columns: dict[int, list[tuple[str, str]]] = {}
+    ok = True
+    for workers in (int(w) for w in args.workers.split(",")):
+        print(f"proxy.workers = {workers} …", flush=True)
+        columns[workers], fine = measure(args, workers)
+        ok = ok and fine
+    labels = [label for label, _ in next(iter(columns.values()))]
+    names = [f"{w} worker{'s' if w > 1 else ''}" for w in columns]
+    table = ["| measure | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
+    for i, label in enumerate(labels):
+        table.append(f"| {label} | " + " | ".join(rows[i][1] for rows in columns.values()) + " |")
+    print("\n".join(table))
+    if args.write:
+        write_section(args.write, table, args)
+    return 0 if ok else 1
+
+
+def measure(args: argparse.Namespace, workers: int) -> tuple[list[tuple[str, str]], bool]:
     workdir = Path(tempfile.mkdtemp(prefix="gpud-load-", dir="/tmp"))
     try:
-        with daemon(workdir) as (proc, sock, port):
+        with daemon(workdir, workers) as (proc, sock, port):
             client = Client(sock, timeout=60)
             seqs = str(args.clients)  # no queueing in the replicas: every stream runs at once
             client.request("POST", "/v1/models", {
@@ -146,7 +175,7 @@ def main() -> int:
                 time.sleep(0.1)
             daemon_ps = psutil.Process(proc.pid)
             asyncio.run(load(port, 10, 3))  # warm-up: the proxy's pool, imports, first-use allocations
-            rss_idle = daemon_ps.memory_info().rss
+            rss_idle = rss(daemon_ps)
             cli_idle = [cli_latency(sock) for _ in range(args.idle_samples)]
             api_idle = [api_latency(client) for _ in range(args.idle_samples * 5)]
 
@@ -157,7 +186,7 @@ def main() -> int:
 
             def sample_rss() -> None:
                 while not stop.wait(0.1):
-                    rss_peak[0] = max(rss_peak[0], daemon_ps.memory_info().rss)
+                    rss_peak[0] = max(rss_peak[0], rss(daemon_ps))
 
             def poll_cli() -> None:
                 while not stop.is_set():
@@ -177,7 +206,7 @@ def main() -> int:
                     started = time.perf_counter()
                     rounds.append(asyncio.run(load(port, args.clients, args.tokens)))
                     rounds[-1]["elapsed"] = time.perf_counter() - started
-                    rss_after.append(daemon_ps.memory_info().rss)
+                    rss_after.append(rss(daemon_ps))
             finally:
                 stop.set()
                 for thread in threads:
@@ -206,7 +235,7 @@ def main() -> int:
          + f" (one stream alone: ≥ {ideal:.1f})"),
         ("stream time to first byte p50 / p99, ms", f"{ms(ttfb, 0.5)} / {ms(ttfb, 0.99)}"),
         ("stream duration p50 / p99, ms", f"{ms(durations, 0.5)} / {ms(durations, 0.99)}"),
-        ("daemon RSS idle → peak → after each round, MiB",
+        ("daemon + workers RSS idle → peak → after each round, MiB",
          f"{rss_idle / mib:.0f} → {rss_peak[0] / mib:.0f} → " + " / ".join(f"{r / mib:.0f}" for r in rss_after)),
         ("in-flight requests left after the load", str(inflight)),
         ("`gpud model list` p50 / p99 idle, ms", f"{ms(cli_idle, 0.5)} / {ms(cli_idle, 0.99)}"),
@@ -216,11 +245,7 @@ def main() -> int:
         (f"`GET /v1/models` (socket) p50 / p99 under load ({len(api_busy)} calls), ms",
          f"{ms(api_busy, 0.5)} / {ms(api_busy, 0.99)}"),
     ]
-    table = ["| measure | value |", "| --- | ---: |", *(f"| {k} | {v} |" for k, v in rows)]
-    print("\n".join(table))
-    if args.write:
-        write_section(args.write, table, args)
-    return 0 if outcomes.keys() <= {"complete"} and inflight == 0 else 1
+    return rows, outcomes.keys() <= {"complete"} and inflight == 0
 
 
 def write_section(path: Path, table: list[str], args: argparse.Namespace) -> None:
@@ -239,13 +264,13 @@ def write_section(path: Path, table: list[str], args: argparse.Namespace) -> Non
         "socket are timed in a loop.",
         "",
         f"    python bench/load_bench.py --clients {args.clients} --tokens {args.tokens} --itl-ms {args.itl_ms:g} "
-        f"--rounds {args.rounds}",
+        f"--rounds {args.rounds} --workers {args.workers}",
         "",
         *table,
         "",
-        "Notes: the proxy and the control API share the daemon's one event loop, and here the cores also run "
-        f"the {args.clients:,} clients and the replicas: a control call waits for the loop's current turn and for "
-        "a core, which is what the p99 under load shows. The CLI's own time is mostly Python starting up "
+        "Notes: the proxy runs in its worker processes, so the daemon's event loop only serves the control API "
+        f"and the supervisor; here the cores also run the {args.clients:,} clients, the workers and the replicas, "
+        "so a control call under load waits for a core, not for proxy traffic. The CLI's own time is mostly Python starting up "
         "(compare the idle row). Memory per open stream is bounded: each holds at most the upstream read "
         "window (256 KiB, reading pauses above it) and a socket buffer. CPython keeps the memory it once "
         "allocated for reuse, so RSS stays near its peak after a load; that it does not grow from one round "

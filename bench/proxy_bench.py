@@ -1,30 +1,30 @@
-"""Proxy benchmark: gpud's proxy side by side with nginx and with direct connections, in one run.
+"""Proxy benchmark: a real `gpud daemon` side by side with nginx, vllm-router and direct connections, in one run.
 
-    .venv/bin/python bench/proxy_bench.py [--duration 5] [--rounds 3] [--connections 64] [--streams 64]
-                                          [--nginx-workers auto] [--write docs/benchmarks.md]
+    .venv/bin/python bench/proxy_bench.py [--duration 5] [--rounds 3] [--connections 32] [--streams 64]
+                                          [--workers 1,2] [--vllm-router PATH] [--write docs/benchmarks.md]
 
-What it measures, on sim replicas (`python -m gpud.sim.server`, no GPU needed):
+What it measures (no GPU needed):
 
-1. Small-request throughput: `wrk` POSTs a one-token completion (model named in the JSON body, as OpenAI
-   clients do) to 3 replicas that answer at once (`--ttft-ms 0`), for each of
-   - gpud's proxy (its own process, uvloop, metrics on: what `gpud daemon` runs),
-   - nginx with `least_conn` and keep-alive to the same replicas,
-   - direct: one wrk per replica at the same time, summed (the replicas' own ceiling).
-2. SSE: `--streams` concurrent streaming completions (20 ms to the first token, 5 ms between tokens, as
-   the sim's defaults) through the proxy and direct to the replicas; events (SSE `data:` lines) per second
-   received by the client.
-3. Balancing quality: an open-loop load (Poisson arrivals at `--rate` req/s, the same seeded sequence for
-   every target) of 90 % short (4 tokens) and 10 % long (200 tokens) completions on 3 replicas that run at
-   most 4 requests at once (`--max-num-seqs 4`, the rest queue, as on a busy vLLM), through gpud's proxy,
-   nginx round-robin and nginx least_conn; the p99 latency of the short requests is compared.
+1. Small requests: `wrk -t1 -cN` POSTs a completion, the model named in the JSON body (as OpenAI clients do),
+   over three **static nginx backends** (bench/static_backend.py: nginx answering at once, one worker each),
+   which gpud starts as `command`-engine replicas — the backends are never the limit. Through:
+   - gpud (the daemon with `proxy.workers` = each of --workers; the model routed by the body),
+   - nginx `least_conn`, one worker, keep-alive to the same backends,
+   - vllm-router (Rust, `pip install vllm-router`) `--policy power_of_two`, when it is installed,
+   - direct: one wrk per backend at the same time, summed (the backends' own ceiling, far above the rest).
+2. Streams over sim replicas (ttft 20 ms, 5 ms/token): `--streams` concurrent SSE completions through gpud and
+   direct to the same replicas: events/s, gpud's CPU per forwarded event (daemon plus proxy workers, from
+   /proc, over the whole client run), and the first event's delay when all streams open at once (median),
+   through gpud minus direct.
+3. Balancing: an open-loop load (Poisson, the same seeded sequence for every target) of 90 % short (4 tokens)
+   and 10 % long (200 tokens) completions on 3 sim replicas that run at most 4 requests at once; the p99 of
+   the short requests through gpud, nginx round-robin and nginx least_conn.
 
-Each measurement runs `--rounds` times, interleaved, and the median is reported, because on a small box
-other load moves single numbers. Targets (issue #3): proxy ≥ 0.30 × nginx least_conn req/s; SSE through
-the proxy ≥ 0.90 × direct events/s; short-request p99 ≤ 0.8 × nginx round-robin and ≤ 1.1 × nginx
-least_conn.
+Each measurement runs --rounds times, interleaved; the median is reported. Targets (issue #10): small requests
+≥ 1.0× vllm-router and ≥ 0.35× nginx least_conn; streams ≥ 0.95× direct events/s, ≤ 20 µs gpud CPU per event,
+first event ≤ +5 ms over direct; short p99 ≤ 0.8× nginx round-robin and ≤ 1.2× nginx least_conn.
 
-Needs `wrk` and `nginx` on PATH (Debian/Ubuntu: `sudo apt-get install -y wrk nginx`; the nginx service
-does not need to run, this script starts its own nginx on a free port with a private config).
+Needs `wrk` and `nginx` on PATH (Debian: `apt-get install -y wrk nginx`).
 """
 
 from __future__ import annotations
@@ -39,41 +39,50 @@ import platform
 import random
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-MODEL = "sim"
+from benchdaemon import BenchDaemon, running_daemon  # noqa: E402
+
+MODEL = "m"
 SMALL_BODY = json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 1})
+STATIC = f"{sys.executable} {ROOT / 'bench' / 'static_backend.py'} {{port}}"
 
 
 # -- processes ---------------------------------------------------------------------------------------------
 
 
 def free_port() -> int:
+    import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
-def wait_listening(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 20) -> None:
+def wait_answering(url: str, proc: subprocess.Popen[bytes], what: str, timeout: float = 30) -> None:
+    import urllib.request
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"{what} exited with code {proc.returncode} before listening on port {port}.")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return
-        time.sleep(0.05)
-    raise SystemExit(f"{what} did not listen on port {port} within {timeout:.0f} s.")
+            raise SystemExit(f"{what} exited with code {proc.returncode} before answering {url}.")
+        with contextlib.suppress(OSError):
+            req = urllib.request.Request(url, data=SMALL_BODY.encode(), headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=2) as r:
+                if r.status == 200:
+                    return
+        time.sleep(0.1)
+    raise SystemExit(f"{what} did not answer {url} within {timeout:.0f} s.")
 
 
 @contextlib.contextmanager
@@ -94,50 +103,39 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
                 proc.wait()
 
 
-def start_sims(procs: list[subprocess.Popen[bytes]], n: int, *args: str) -> list[int]:
-    ports = []
-    for _ in range(n):
-        port = free_port()
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gpud.sim.server",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--startup-s",
-                "0",
-                "--served-model-name",
-                MODEL,
-                *args,
-            ],
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-        )
-        procs.append(proc)
-        ports.append(port)
-    for port, proc in zip(ports, procs[-n:], strict=True):
-        wait_listening(port, proc, "simserver")
-    return ports
+def start_model(daemon: BenchDaemon, body: dict[str, object]) -> list[int]:
+    """Start a model on a bench daemon and wait until every replica is ready; the replicas' ports."""
+    daemon.client.request("POST", "/v1/models", body)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        shown = daemon.client.request("GET", f"/v1/models/{MODEL}")
+        if not shown["busy"] and shown["replicas_ready"] == shown["replicas_desired"]:
+            return [r["port"] for r in shown["replicas"]]
+        time.sleep(0.1)
+    raise SystemExit(f"the model did not become ready: {shown}")
 
 
-def start_proxy(procs: list[subprocess.Popen[bytes]], backends: list[int]) -> int:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "--serve-proxy", str(port), *map(str, backends)], cwd=ROOT
-    )
-    procs.append(proc)
-    wait_listening(port, proc, "gpud proxy")
-    return port
+def gpud_pids(daemon: BenchDaemon) -> list[int]:
+    """The daemon and its proxy workers (not the replicas: they are the backends)."""
+    import psutil
+
+    root = psutil.Process(daemon.proc.pid)
+    return [root.pid] + [p.pid for p in root.children() if "gpud.proxy.worker" in " ".join(p.cmdline())]
 
 
-def start_nginx(
-    procs: list[subprocess.Popen[bytes]], backends: list[int], workdir: Path, workers: str
-) -> tuple[int, int]:
-    """nginx in front of `backends`: (least_conn port, round-robin port). The upstream state lives in a
-    shared zone, so least_conn counts connections across all worker processes."""
+def cpu_seconds(pids: list[int]) -> float:
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            times = psutil.Process(pid).cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def start_nginx(procs: list[subprocess.Popen[bytes]], backends: list[int], workdir: Path) -> tuple[int, int]:
+    """One-worker nginx in front of `backends`: (least_conn port, round-robin port), keep-alive upstreams."""
     lc, rr = free_port(), free_port()
     servers = "\n".join(f"        server 127.0.0.1:{p};" for p in backends)
     for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
@@ -151,7 +149,7 @@ def start_nginx(
         }}"""
     conf = workdir / f"nginx-{lc}.conf"
     conf.write_text(f"""
-worker_processes {workers};
+worker_processes 1;
 daemon off;
 pid {workdir}/nginx-{lc}.pid;
 error_log {workdir}/error.log warn;
@@ -163,30 +161,34 @@ http {{
     fastcgi_temp_path {workdir}/fastcgi;
     uwsgi_temp_path {workdir}/uwsgi;
     scgi_temp_path {workdir}/scgi;
-    upstream least {{
-        zone least 64k;
-        least_conn;
+    upstream least {{ least_conn;
 {servers}
-        keepalive 128;
-    }}
+        keepalive 128; }}
     upstream rr {{
-        zone rr 64k;
 {servers}
-        keepalive 128;
+        keepalive 128; }}
+    server {{ listen 127.0.0.1:{lc};{location.format("least")}
     }}
-    server {{
-        listen 127.0.0.1:{lc};{location.format("least")}
-    }}
-    server {{
-        listen 127.0.0.1:{rr};{location.format("rr")}
+    server {{ listen 127.0.0.1:{rr};{location.format("rr")}
     }}
 }}
 """)
     proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(workdir)], stdout=subprocess.DEVNULL)
     procs.append(proc)
-    wait_listening(lc, proc, "nginx")
-    wait_listening(rr, proc, "nginx")
+    wait_answering(f"http://127.0.0.1:{lc}/v1/completions", proc, "nginx")
     return lc, rr
+
+
+def start_vllm_router(procs: list[subprocess.Popen[bytes]], binary: str, backends: list[int]) -> int:
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, "--host", "127.0.0.1", "--port", str(port), "--policy", "power_of_two", "--log-level", "warning",
+         "--worker-urls", *(f"http://127.0.0.1:{p}" for p in backends)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    procs.append(proc)
+    wait_answering(f"http://127.0.0.1:{port}/v1/completions", proc, "vllm-router", timeout=60)
+    return port
 
 
 # -- small requests (wrk) ----------------------------------------------------------------------------------
@@ -194,35 +196,18 @@ http {{
 
 def wrk_script(workdir: Path) -> Path:
     script = workdir / "post.lua"
-    script.write_text(
-        'wrk.method = "POST"\n'
-        f"wrk.body = '{SMALL_BODY}'\n"
-        'wrk.headers["Content-Type"] = "application/json"\n'
-    )
+    script.write_text(f'wrk.method = "POST"\nwrk.body = \'{SMALL_BODY}\'\nwrk.headers["Content-Type"] = "application/json"\n')
     return script
 
 
-def wrk(ports: list[int], connections: int, duration: float, script: Path) -> float:
-    """Requests/s summed over one wrk per port, run at the same time; non-2xx answers abort the bench."""
+def wrk(ports: list[int], connections: int, duration: float, script: Path) -> tuple[float, float]:
+    """(requests/s summed over one wrk per port, run at the same time; the median latency in ms of the first)."""
     per = max(1, connections // len(ports))
-    procs = [
-        subprocess.Popen(
-            [
-                "wrk",
-                "-t1",
-                f"-c{per}",
-                f"-d{duration:g}s",
-                "-s",
-                str(script),
-                f"http://127.0.0.1:{p}/v1/completions",
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for p in ports
-    ]
-    total = 0.0
-    for proc in procs:
+    procs = [subprocess.Popen(["wrk", "-t1", f"-c{per}", f"-d{duration:g}s", "--latency", "-s", str(script),
+                               f"http://127.0.0.1:{p}/v1/completions"], stdout=subprocess.PIPE, text=True)
+             for p in ports]
+    total, p50 = 0.0, 0.0
+    for i, proc in enumerate(procs):
         out, _ = proc.communicate()
         if proc.returncode != 0:
             raise SystemExit(f"wrk failed:\n{out}")
@@ -230,14 +215,18 @@ def wrk(ports: list[int], connections: int, duration: float, script: Path) -> fl
         if bad:
             raise SystemExit(f"wrk saw {bad.group(1)} error answers:\n{out}")
         total += float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    return total
+        if i == 0:
+            found = re.search(r"50%\s+([\d.]+)(us|ms|s)", out)
+            if found:
+                p50 = float(found.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[found.group(2)]
+    return total, p50
 
 
-# -- SSE streams -------------------------------------------------------------------------------------------
+# -- streams -----------------------------------------------------------------------------------------------
 
 
-async def sse_client(ports: list[int], streams: int, duration: float, warmup: float) -> float:
-    """Events/s received by `streams` concurrent streaming completions, spread over `ports` round-robin."""
+async def sse_client(ports: list[int], streams: int, duration: float, warmup: float) -> tuple[float, int]:
+    """(events/s over the measured window, all events received), `streams` concurrent streaming completions."""
     import aiohttp
 
     count = 0
@@ -253,14 +242,10 @@ async def sse_client(ports: list[int], streams: int, duration: float, warmup: fl
                     if line.startswith(b"data: "):
                         count += 1
 
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(
-        connector=connector, timeout=aiohttp.ClientTimeout(total=None)
-    ) as session:
-        tasks = [
-            asyncio.ensure_future(loop(session, f"http://127.0.0.1:{ports[i % len(ports)]}/v1/completions"))
-            for i in range(streams)
-        ]
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                     timeout=aiohttp.ClientTimeout(total=None)) as session:
+        tasks = [asyncio.ensure_future(loop(session, f"http://127.0.0.1:{ports[i % len(ports)]}/v1/completions"))
+                 for i in range(streams)]
         try:
             await asyncio.sleep(warmup)
             start_count, start = count, time.perf_counter()
@@ -270,22 +255,42 @@ async def sse_client(ports: list[int], streams: int, duration: float, warmup: fl
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-    return rate
+    return rate, count
 
 
-def _client_process(*args: str) -> float:
-    """Run one of this script's client modes in its own process (uvloop), so the bench's own loop does not
-    share its core; the mode prints its figure on its last line."""
-    out = subprocess.run([sys.executable, __file__, *args], cwd=ROOT, check=True, stdout=subprocess.PIPE,
-                         text=True).stdout
-    return float(out.strip().splitlines()[-1])
+async def first_event_client(ports: list[int], streams: int) -> float:
+    """Median seconds from opening to the first event, `streams` streams opened at once (connections ready)."""
+    import aiohttp
+
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 4, "stream": True}
+    waits: list[float] = []
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                     timeout=aiohttp.ClientTimeout(total=None)) as session:
+        for round_ in range(4):  # the first round opens the connections; the others measure
+            begin = asyncio.Event()
+            times: list[float] = []
+
+            async def one(url: str, begin: asyncio.Event = begin, times: list[float] = times) -> None:
+                await begin.wait()
+                t0 = time.perf_counter()
+                async with session.post(url, json=body) as r:
+                    async for line in r.content:
+                        if line.startswith(b"data: "):
+                            times.append(time.perf_counter() - t0)
+                            break
+                    await r.read()
+
+            tasks = [asyncio.ensure_future(one(f"http://127.0.0.1:{ports[i % len(ports)]}/v1/completions"))
+                     for i in range(streams)]
+            await asyncio.sleep(0.05)
+            begin.set()
+            await asyncio.gather(*tasks)
+            if round_ > 0:
+                waits.append(statistics.median(times))
+    return statistics.median(waits)
 
 
-def sse(ports: list[int], streams: int, duration: float) -> float:
-    return _client_process("--sse-client", str(streams), str(duration), *map(str, ports))
-
-
-# -- balancing quality -------------------------------------------------------------------------------------
+# -- balancing ---------------------------------------------------------------------------------------------
 
 
 async def balance_client(port: int, rate: float, duration: float, seed: int) -> float:
@@ -311,48 +316,21 @@ async def balance_client(port: int, rate: float, duration: float, seed: int) -> 
             await r.read()
             if r.status != 200:
                 raise SystemExit(f"balancing request answered HTTP {r.status}")
-        if not long:
-            # From the scheduled arrival, so a lagging client cannot hide queueing (coordinated omission).
+        if not long:  # from the scheduled arrival, so a lagging client cannot hide queueing
             short.append(loop.time() - at)
 
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as s:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                     timeout=aiohttp.ClientTimeout(total=None)) as s:
         t0 = loop.time() + 0.2
         await asyncio.gather(*(one(s, t0 + at, long) for at, long in arrivals))
     return statistics.quantiles(short, n=100)[98] * 1000
 
 
-def balance(port: int, rate: float, duration: float) -> float:
-    return _client_process("--balance-client", str(port), str(rate), str(duration))
-
-
-# -- internal modes ----------------------------------------------------------------------------------------
-
-
-def serve_proxy(port: int, backends: list[int]) -> None:
-    """The proxy as `gpud daemon` runs it: registry of READY replicas, metrics on, uvloop."""
-    from gpud.proxy.metrics import Metrics
-    from gpud.proxy.server import Proxy
-    from gpud.registry import Model, Registry, Replica, ReplicaState
-    from gpud.spec import ModelSpec
-
-    registry = Registry()
-    model = Model(spec=ModelSpec(name=MODEL, model=MODEL, engine="sim", replicas=len(backends)))
-    for i, backend in enumerate(backends):
-        model.replicas[i] = Replica(
-            model=MODEL, index=i, gpus=(), vram_by_gpu=(), port=backend, state=ReplicaState.READY
-        )
-    registry.models[MODEL] = model
-
-    async def main() -> None:
-        proxy = Proxy(registry, metrics=Metrics(registry))
-        await proxy.start("127.0.0.1", port)
-        stop = asyncio.Event()
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-        await stop.wait()
-        await proxy.close()
-
-    run_fast(main())
+def client(*args: str) -> list[float]:
+    """Run a client mode of this script in its own process (uvloop): the figures of its last line."""
+    out = subprocess.run([sys.executable, __file__, *args], cwd=ROOT, check=True, stdout=subprocess.PIPE,
+                         text=True).stdout
+    return [float(x) for x in out.strip().splitlines()[-1].split()]
 
 
 def run_fast(coro: object) -> object:
@@ -363,39 +341,169 @@ def run_fast(coro: object) -> object:
     return uvloop.run(coro)  # type: ignore[arg-type]
 
 
-# -- report ------------------------------------------------------------------------------------------------
+# -- the run -----------------------------------------------------------------------------------------------
 
 
-def median_rounds(rounds: int, runs: dict[str, object]) -> dict[str, float]:
+def rounds(n: int, runs: dict[str, Callable[[], float]]) -> dict[str, float]:
     results: dict[str, list[float]] = {name: [] for name in runs}
-    for r in range(rounds):
+    for r in range(n):
         for name, fn in runs.items():
-            value = fn()  # type: ignore[operator]
+            value = fn()
             results[name].append(value)
-            print(f"  round {r + 1}: {name:<28} {value:10.0f}", flush=True)
+            print(f"  round {r + 1}: {name:<34} {value:12.1f}", flush=True)
     return {name: statistics.median(values) for name, values in results.items()}
+
+
+def measure(args: argparse.Namespace) -> tuple[list[tuple[str, str, float, str, float, float | None, bool]], dict[str, float]]:
+    workers = [int(w) for w in args.workers.split(",")]
+    router = args.vllm_router or shutil.which("vllm-router")
+    extra: dict[str, float] = {}
+    rows: list[tuple[str, str, float, str, float, float | None, bool]] = []
+    with tempfile.TemporaryDirectory(prefix="gpud-bench-") as tmp, contextlib.ExitStack() as stack, \
+            processes() as procs:
+        workdir = Path(tmp)
+        script = wrk_script(workdir)
+        static = {"model": MODEL, "engine": "command", "command": STATIC, "replicas": 3, "vram": "1GiB"}
+        daemons: dict[int, tuple[BenchDaemon, list[int]]] = {}
+        for n in workers:
+            (workdir / f"w{n}").mkdir()
+            daemon = stack.enter_context(running_daemon(workdir / f"w{n}", "sim:2x80GiB",
+                                                        f"[proxy]\nworkers = {n}\n"))
+            daemons[n] = (daemon, start_model(daemon, static))
+        backends = daemons[workers[0]][1]
+        nginx_lc, _ = start_nginx(procs, backends, workdir)
+        runs: dict[str, Callable[[], float]] = {}
+        p50: dict[str, list[float]] = {}
+
+        def wrk_run(name: str, ports: list[int]) -> Callable[[], float]:
+            def go() -> float:
+                rate, median = wrk(ports, args.connections, args.duration, script)
+                p50.setdefault(name, []).append(median)
+                return rate
+            return go
+
+        for n, (daemon, _) in daemons.items():
+            runs[f"gpud, {n} worker{'s' if n > 1 else ''}"] = wrk_run(f"gpud{n}", [daemon.port])
+        runs["nginx least_conn, 1 worker"] = wrk_run("nginx", [nginx_lc])
+        if router:
+            runs["vllm-router power_of_two"] = wrk_run("router", [start_vllm_router(procs, router, backends)])
+        runs["direct (3 wrk, summed)"] = wrk_run("direct", backends)
+        for port in [d.port for d, _ in daemons.values()] + [nginx_lc] + backends:
+            wrk([port], args.connections, 1, script)
+        print(f"Small requests over 3 static nginx backends, wrk -t1 -c{args.connections}, req/s:", flush=True)
+        small = rounds(args.rounds, runs)
+        for name, values in p50.items():
+            extra[f"p50 {name}"] = statistics.median(values)
+        first = f"gpud, {workers[0]} worker{'s' if workers[0] > 1 else ''}"
+        best = max((k for k in small if k.startswith("gpud")), key=lambda k: small[k])
+        rows.append(("small requests, req/s", best, small[best], "nginx least_conn, 1 worker",
+                     small["nginx least_conn, 1 worker"], 0.35, True))
+        if router:
+            rows.append(("small requests, req/s", best, small[best], "vllm-router power_of_two",
+                         small["vllm-router power_of_two"], 1.0, True))
+        rows.append(("small requests, req/s", "nginx least_conn, 1 worker", small["nginx least_conn, 1 worker"],
+                     "direct (3 wrk, summed)", small["direct (3 wrk, summed)"], None, True))
+        for name in small:
+            if name.startswith("gpud") and name != first:
+                rows.append(("workers curve, req/s", name, small[name], first, small[first], None, True))
+        for daemon, _ in daemons.values():
+            daemon.client.request("DELETE", f"/v1/models/{MODEL}")
+
+        (workdir / "sse").mkdir()
+        sse_daemon = stack.enter_context(running_daemon(workdir / "sse", "sim:2x80GiB"))
+        sims = start_model(sse_daemon, {"model": MODEL, "engine": "sim", "replicas": 3, "vram": "1GiB",
+                                        "args": ["--startup-s", "0"]})
+        pids = gpud_pids(sse_daemon)
+        cpu_per_event: list[float] = []
+
+        def through_gpud() -> float:
+            before = cpu_seconds(pids)
+            rate, total = client("--sse-client", str(args.streams), str(args.duration), str(sse_daemon.port))
+            cpu_per_event.append((cpu_seconds(pids) - before) / total * 1e6)
+            return rate
+
+        print(f"Streams: {args.streams} concurrent SSE completions (ttft 20 ms, 5 ms/token), events/s:", flush=True)
+        sse = rounds(args.rounds, {
+            "gpud": through_gpud,
+            "direct": lambda: client("--sse-client", str(args.streams), str(args.duration), *map(str, sims))[0],
+        })
+        rows.append((f"SSE x{args.streams}, events/s", "gpud", sse["gpud"], "direct", sse["direct"], 0.95, True))
+        extra["gpud CPU µs per event"] = statistics.median(cpu_per_event)
+        print(f"First event, {args.streams} streams opened at once, median ms:", flush=True)
+        first_event = rounds(args.rounds, {
+            "gpud": lambda: client("--first-event", str(args.streams), str(sse_daemon.port))[0] * 1000,
+            "direct": lambda: client("--first-event", str(args.streams), *map(str, sims))[0] * 1000,
+        })
+        extra["first event overhead ms"] = first_event["gpud"] - first_event["direct"]
+        extra["first event gpud ms"], extra["first event direct ms"] = first_event["gpud"], first_event["direct"]
+        sse_daemon.client.request("DELETE", f"/v1/models/{MODEL}")
+
+        (workdir / "bal").mkdir()
+        bal = stack.enter_context(running_daemon(workdir / "bal", "sim:2x80GiB"))
+        queued = start_model(bal, {"model": MODEL, "engine": "sim", "replicas": 3, "vram": "1GiB",
+                                   "args": ["--startup-s", "0", "--max-num-seqs", "4"]})
+        bal_lc, bal_rr = start_nginx(procs, queued, workdir)
+        print(f"Balancing, open loop {args.rate:g} req/s, 90 % short / 10 % long, max 4 running per replica, "
+              "short-request p99 ms:", flush=True)
+        p99 = rounds(args.rounds, {
+            name: (lambda port=port: client("--balance-client", str(port), str(args.rate), str(args.balance_duration))[0])
+            for name, port in (("gpud", bal.port), ("nginx round-robin", bal_rr), ("nginx least_conn", bal_lc))
+        })
+        rows.append(("short p99 (90/10 mix), ms", "gpud", p99["gpud"], "nginx round-robin", p99["nginx round-robin"],
+                     0.8, False))
+        rows.append(("short p99 (90/10 mix), ms", "gpud", p99["gpud"], "nginx least_conn", p99["nginx least_conn"],
+                     1.2, False))
+    return rows, extra
+
+
+def report(rows: list[tuple[str, str, float, str, float, float | None, bool]], extra: dict[str, float]) -> list[str]:
+    table = ["| measure | subject | value | reference | value | ratio | target |",
+             "| --- | --- | ---: | --- | ---: | ---: | ---: |"]
+    for measure_, subject, value, ref, ref_value, target, higher in rows:
+        ratio = value / ref_value if ref_value else float("nan")
+        verdict = ""
+        if target is not None:
+            ok = ratio >= target if higher else ratio <= target
+            verdict = f"{'≥' if higher else '≤'} {target:.2f} {'✓' if ok else '✗'}"
+        table.append(f"| {measure_} | {subject} | {value:,.0f} | {ref} | {ref_value:,.0f} | {ratio:.2f} | {verdict} |")
+    cpu = extra.get("gpud CPU µs per event", float("nan"))
+    overhead = extra.get("first event overhead ms", float("nan"))
+    table += [
+        "",
+        "| figure | value | target |",
+        "| --- | ---: | ---: |",
+        f"| gpud CPU per forwarded event (daemon + workers) | {cpu:.1f} µs | ≤ 20 µs {'✓' if cpu <= 20 else '✗'} |",
+        f"| first event, gpud − direct (median of {extra.get('streams', 0):.0f} opened at once) | "
+        f"{overhead:+.1f} ms ({extra['first event gpud ms']:.1f} vs {extra['first event direct ms']:.1f}) | "
+        f"≤ +5 ms {'✓' if overhead <= 5 else '✗'} |",
+    ]
+    table += [f"| wrk p50 latency, {k[4:]} | {v:.2f} ms | |" for k, v in extra.items() if k.startswith("p50 ")]
+    return table
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--connections", type=int, default=64, help="wrk connections in total")
+    parser.add_argument("--connections", type=int, default=32, help="wrk connections")
     parser.add_argument("--streams", type=int, default=64)
-    parser.add_argument("--nginx-workers", default="auto")
+    parser.add_argument("--workers", default="1,2", help="proxy.workers values to measure, e.g. 1,2,4")
+    parser.add_argument("--vllm-router", metavar="PATH", help="the vllm-router binary (default: on PATH)")
     parser.add_argument("--rate", type=float, default=50.0, help="balancing load, requests/s")
     parser.add_argument("--balance-duration", type=float, default=30.0, help="seconds per balancing run")
     parser.add_argument("--write", metavar="FILE", help="replace the 'Proxy' section of this Markdown file")
-    parser.add_argument("--serve-proxy", nargs="+", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--sse-client", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument("--first-event", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--balance-client", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.serve_proxy:
-        serve_proxy(args.serve_proxy[0], args.serve_proxy[1:])
-        return 0
     if args.sse_client:
         streams, duration, *ports = args.sse_client
-        print(run_fast(sse_client([int(p) for p in ports], int(streams), float(duration), warmup=1.0)))
+        rate, total = run_fast(sse_client([int(p) for p in ports], int(streams), float(duration), 1.0))  # type: ignore[misc]
+        print(rate, total)
+        return 0
+    if args.first_event:
+        streams, *ports = args.first_event
+        print(run_fast(first_event_client([int(p) for p in ports], int(streams))))
         return 0
     if args.balance_client:
         port, rate, duration = args.balance_client
@@ -403,147 +511,41 @@ def main() -> int:
         return 0
     missing = [tool for tool in ("wrk", "nginx") if shutil.which(tool) is None]
     if missing:
-        print(
-            f"Missing {' and '.join(missing)}: install with `sudo apt-get install -y wrk nginx` "
-            "(Debian/Ubuntu) or your system's package manager.",
-            file=sys.stderr,
-        )
+        print(f"Missing {' and '.join(missing)}: install with `apt-get install -y wrk nginx`.", file=sys.stderr)
         return 1
-
-    with tempfile.TemporaryDirectory(prefix="gpud-bench-") as tmp, processes() as procs:
-        workdir = Path(tmp)
-        script = wrk_script(workdir)
-        print("Small requests (1-token completion, replicas answer at once), requests/s:", flush=True)
-        fast = start_sims(procs, 3, "--ttft-ms", "0", "--itl-ms", "0")
-        proxy = start_proxy(procs, fast)
-        nginx, _ = start_nginx(procs, fast, workdir, args.nginx_workers)
-        for port in (proxy, nginx, *fast):
-            wrk([port], args.connections, 1, script)  # warm up: connections, pools, caches
-        small = median_rounds(
-            args.rounds,
-            {
-                "gpud proxy": lambda: wrk([proxy], args.connections, args.duration, script),
-                "nginx least_conn": lambda: wrk([nginx], args.connections, args.duration, script),
-                "direct (3 wrk, summed)": lambda: wrk(fast, args.connections, args.duration, script),
-            },
-        )
-
-        print(f"SSE, {args.streams} concurrent streams (ttft 20 ms, 5 ms/token), events/s:", flush=True)
-        streaming = start_sims(procs, 3)
-        sse_proxy = start_proxy(procs, streaming)
-        streams = median_rounds(
-            args.rounds,
-            {
-                "gpud proxy": lambda: sse([sse_proxy], args.streams, args.duration),
-                "direct": lambda: sse(streaming, args.streams, args.duration),
-            },
-        )
-
-        print(
-            f"Balancing, open loop {args.rate:g} req/s, 90 % short / 10 % long, max 4 running per replica, "
-            "short-request p99 in ms:",
-            flush=True,
-        )
-        queued = start_sims(procs, 3, "--max-num-seqs", "4")
-        bal_proxy = start_proxy(procs, queued)
-        bal_lc, bal_rr = start_nginx(procs, queued, workdir, args.nginx_workers)
-        p99 = median_rounds(
-            args.rounds,
-            {
-                "gpud proxy": lambda: balance(bal_proxy, args.rate, args.balance_duration),
-                "nginx round-robin": lambda: balance(bal_rr, args.rate, args.balance_duration),
-                "nginx least_conn": lambda: balance(bal_lc, args.rate, args.balance_duration),
-            },
-        )
-
-    # (measure, subject, value, reference, reference value, target ratio, higher is better)
-    rows: list[tuple[str, str, float, str, float, float | None, bool]] = [
-        ("small requests, req/s", "gpud proxy", small["gpud proxy"], "nginx least_conn",
-         small["nginx least_conn"], 0.30, True),
-        ("small requests, req/s", "gpud proxy", small["gpud proxy"], "direct",
-         small["direct (3 wrk, summed)"], None, True),
-        ("small requests, req/s", "nginx least_conn", small["nginx least_conn"], "direct",
-         small["direct (3 wrk, summed)"], None, True),
-        (f"SSE x{args.streams}, events/s", "gpud proxy", streams["gpud proxy"], "direct",
-         streams["direct"], 0.90, True),
-        ("short p99 (90/10 mix), ms", "gpud proxy", p99["gpud proxy"], "nginx round-robin",
-         p99["nginx round-robin"], 0.8, False),
-        ("short p99 (90/10 mix), ms", "gpud proxy", p99["gpud proxy"], "nginx least_conn",
-         p99["nginx least_conn"], 1.1, False),
-    ]  # fmt: skip
-    table = [
-        "| measure | subject | value | reference | value | ratio | target |",
-        "| --- | --- | ---: | --- | ---: | ---: | ---: |",
-    ]
-    for measure, subject, value, ref, ref_value, target, higher in rows:
-        ratio = value / ref_value if ref_value else float("nan")
-        verdict = ""
-        if target is not None:
-            ok = ratio >= target if higher else ratio <= target
-            verdict = f"{'≥' if higher else '≤'} {target:.2f} {'✓' if ok else '✗'}"
-        table.append(
-            f"| {measure} | {subject} | {value:,.0f} | {ref} | {ref_value:,.0f} | {ratio:.2f} | {verdict} |"
-        )
+    rows, extra = measure(args)
+    extra["streams"] = args.streams
+    table = report(rows, extra)
     print("\n" + "\n".join(table))
     if args.write:
         write_section(Path(args.write), table, args)
     return 0
 
 
-NOTES = (
-    "Notes: the proxy is one Python process (uvloop) while nginx runs a worker per core. SSE events/s "
-    "are bounded by the replicas' token schedule (64 streams × 200 tokens/s ≈ 12,800/s): the ratio says "
-    "the proxy keeps up without adding delay. The p99 of short requests is decided by a few unlucky "
-    "arrivals queued behind long ones, so it moves by tens of ms between runs; least-connections (gpud, "
-    "nginx least_conn) avoids most of them, round-robin does not."
-)
-
-
 def write_section(path: Path, table: list[str], args: argparse.Namespace) -> None:
-    command = "python bench/proxy_bench.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}"
-        for k, v in (
-            ("duration", f"{args.duration:g}"),
-            ("rounds", args.rounds),
-            ("connections", args.connections),
-            ("streams", args.streams),
-            ("nginx_workers", args.nginx_workers),
-            ("rate", f"{args.rate:g}"),
-            ("balance_duration", f"{args.balance_duration:g}"),
-        )
-    )
-    cpu = platform.processor() or platform.machine()
+    command = (f"python bench/proxy_bench.py --duration {args.duration:g} --rounds {args.rounds} --connections "
+               f"{args.connections} --streams {args.streams} --workers {args.workers} --rate {args.rate:g} "
+               f"--balance-duration {args.balance_duration:g}")
+    cpu = platform.machine()
     with contextlib.suppress(OSError):
         model = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
         cpu = model.group(1) if model else cpu
-    section = "\n".join(
-        [
-            "## Proxy",
-            "",
-            f"Measured {datetime.date.today().isoformat()} on {os.cpu_count()} cores ({cpu}), "
-            f"{platform.system()} {platform.release()}, Python {platform.python_version()}; everything (wrk, "
-            f"nginx with `worker_processes {args.nginx_workers}`, the proxy, 3 sim replicas, the SSE client) "
-            "shares these cores. Median of the rounds; wrk uses "
-            f"{args.connections} connections, each measurement {args.duration:g} s "
-            f"({args.balance_duration:g} s at {args.rate:g} req/s for balancing). nginx: keep-alive to the "
-            "replicas, `proxy_buffering off`, upstream state in a shared `zone`.",
-            "",
-            f"    {command}",
-            "",
-            *table,
-            "",
-            NOTES,
-            "",
-        ]
-    )
+    section = "\n".join([
+        "## Proxy",
+        "",
+        f"Measured {datetime.date.today().isoformat()} on {os.cpu_count()} cores ({cpu}), {platform.system()} "
+        f"{platform.release()}, Python {platform.python_version()}. Everything shares these cores: wrk, the "
+        "daemon and its proxy workers, the backends, nginx, vllm-router and the stream clients. Median of the "
+        "rounds.",
+        "",
+        f"    {command}",
+        "",
+        *table,
+        "",
+    ])
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    # Replace an existing "## Proxy" section (up to the next "## " heading), else append one.
     pattern = re.compile(r"^## Proxy\n.*?(?=^## |\Z)", re.M | re.S)
-    text = (
-        pattern.sub(section + "\n", text, count=1)
-        if pattern.search(text)
-        else text.rstrip("\n") + "\n\n" + section
-    )
+    text = pattern.sub(section + "\n", text, count=1) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
     path.write_text(text)
     print(f"\nWrote the Proxy section of {path}.")
 

@@ -20,6 +20,19 @@ from gpud.supervise.policy import Restart
 from gpud.units import parse_size
 
 DEFAULT_HEADROOM_BYTES = 512 * 2**20  # kept free on every GPU (SPEC §3 `gpus.headroom`)
+MAX_PROXY_WORKERS = 8
+
+
+def resolve_workers(value: object, *, what: str, cpus: int | None = None) -> int:
+    """`proxy.workers`: a number from 1 to 8, or "auto" = half the CPUs, at least 1, at most 8."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return max(1, min(MAX_PROXY_WORKERS, (cpus or os.cpu_count() or 2) // 2))
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_PROXY_WORKERS:
+        raise InvalidInput(f"Invalid {what} {value!r}: use a number of workers from 1 to {MAX_PROXY_WORKERS}, "
+                           "or auto (half the CPUs).")
+    return value
 
 
 def _is_root() -> bool:
@@ -88,8 +101,11 @@ class ProxySettings:
     # A client that takes this long to send a request head, pauses this long in a body, or leaves response
     # bytes unread this long is disconnected (nginx's client_header/client_body/send timeouts, 60 s there too).
     client_timeout_sec: float = 60.0
-    # Open client connections at most; 0: half of what the file descriptor limit leaves (see proxy.guard).
+    # Open client connections at most, per worker; 0: half of what the file descriptor limit leaves.
     max_connections: int = 0
+    # Proxy worker processes sharing the listen address (SPEC §14); `auto` in a file or GPUD_PROXY_WORKERS
+    # is resolved when the settings are read (half the CPUs, 1 to MAX_PROXY_WORKERS).
+    workers: int = 1
 
     @property
     def listen(self) -> str:
@@ -124,6 +140,7 @@ _SECTIONS: dict[str, dict[str, tuple[type, ...]]] = {
         "idle_timeout_sec": _NUMBER,
         "client_timeout_sec": _NUMBER,
         "max_connections": (int,),
+        "workers": (int, str),
     },
     "supervisor": {
         f.name: ((str,) if f.name == "restart" else (int,) if f.name in ("start_limit_burst", "health_failures")
@@ -221,6 +238,10 @@ def _proxy_settings(data: Mapping[str, Any], listen: str | None, environ: Mappin
         if proxy["max_connections"] < 0:
             raise InvalidInput(f"Config key 'proxy.max_connections'{where} cannot be negative (0: automatic).")
         given["max_connections"] = proxy["max_connections"]
+    if environ.get("GPUD_PROXY_WORKERS"):
+        given["workers"] = resolve_workers(environ["GPUD_PROXY_WORKERS"], what="GPUD_PROXY_WORKERS")
+    elif "workers" in proxy:
+        given["workers"] = resolve_workers(proxy["workers"], what=f"config key 'proxy.workers'{where}")
     return ProxySettings(**given)
 
 

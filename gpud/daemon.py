@@ -27,6 +27,7 @@ from gpud.errors import GpudError
 from gpud.gpus import open_backend
 from gpud.gpus.base import GpuBackend
 from gpud.gpus.ledger import Ledger, OwnedPids
+from gpud.proxy.workers import WORKER_ENV, ProxyWorkers
 from gpud.registry import Registry
 from gpud.sdnotify import Notifier
 from gpud.spec import ModelSpec
@@ -91,11 +92,10 @@ class Daemon:
         self.started = time.time()
         self.notifier = Notifier()
         self._stop = asyncio.Event()
+        self.ready = False  # the proxy listens and the saved models are restored (READY=1 to systemd)
 
     async def serve(self) -> int:
         from gpud.control.api import ControlAPI, serve_unix
-        from gpud.proxy.metrics import Metrics
-        from gpud.proxy.server import Proxy
 
         settings = self.settings
         settings.state_dir.mkdir(parents=True, exist_ok=True)
@@ -112,9 +112,11 @@ class Daemon:
                                 python_for=venvs.python_for, extra_env_for=venvs.extra_env_for)
         service = ModelService(settings, registry, ledger, supervisor, StateStore(settings.state_dir),
                                prepare=venvs.preparer(registry))
-        api = ControlAPI(service, registry, started=self.started, socket_group=settings.socket_group, venvs=venvs)
-        metrics = Metrics(registry, ledger)
-        proxy = Proxy(registry, settings.proxy, metrics=metrics, on_connect_failure=supervisor.connect_failed)
+        api = ControlAPI(service, registry, started=self.started, socket_group=settings.socket_group, venvs=venvs,
+                         extra_status=lambda: {"ready": self.ready})
+        proxy = ProxyWorkers(registry, settings.proxy, run_dir=settings.state_dir / "run", instance=instance,
+                             ledger_rows=lambda: ledger.to_json()["gpus"],
+                             on_connect_failure=supervisor.connect_failed)
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -122,10 +124,11 @@ class Daemon:
 
         api_runner = await serve_unix(api.make_app(), settings.socket, settings.socket_group)
         try:
-            await proxy.start(settings.proxy.listen_host, settings.proxy.listen_port)
+            await proxy.start()
             log.info("gpud %s: control socket %s, proxy http://%s, GPUs %s", _version(), settings.socket,
                      settings.proxy.listen, settings.gpus)
             await self._restore(service)
+            self.ready = True
             self.notifier.notify("READY=1", f"STATUS={_status_line(registry)}", f"MAINPID={os.getpid()}")
             background = [loop.create_task(self._housekeeping(registry, ledger))]
             await self._stop.wait()
@@ -134,9 +137,10 @@ class Daemon:
             api.close_streams()
             for task in background:
                 task.cancel()
-            await proxy.close()
+            await proxy.drain()  # no new connections; those open go on while the replicas drain them
             await service.shutdown()
         finally:
+            await proxy.close()
             await api_runner.cleanup()
             try:
                 os.unlink(settings.socket)
@@ -198,7 +202,7 @@ class Daemon:
     async def _kill_previous_life(self, instance: str) -> None:
         """Replicas of an earlier daemon on this state dir that survived it (they should not): stop them
         before their GPU memory is counted as free."""
-        orphans = procs.find_orphans(INSTANCE_ENV, instance)
+        orphans = procs.find_orphans(INSTANCE_ENV, instance) + procs.find_orphans(WORKER_ENV, instance)
         if not orphans:
             return
         log.warning("stopping %d process(es) left by a previous gpud on this state dir: %s", len(orphans), orphans)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,7 +87,7 @@ class Model:
     stopping: bool = False
     venv: dict[str, Any] | None = None      # {"path", "packages"} once the venv is resolved
     created_at: float = field(default_factory=time.time)
-    rotation: int = 0                       # balancer tie-break cursor
+    last_request_at: float | None = None    # when a request to it last began or ended (epoch s; the proxy's)
     operation: Operation | None = None      # while one is in progress
     task: asyncio.Task[None] | None = field(default=None, repr=False)  # the operation's task
 
@@ -152,6 +152,7 @@ class Registry:
     def __init__(self) -> None:
         self.models: dict[str, Model] = {}
         self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
+        self._listeners: list[Callable[[], None]] = []
         self.closed = False
 
     def get(self, name: str) -> Model | None:
@@ -180,8 +181,14 @@ class Registry:
         """Tell subscribers that model `name` changed (the API renders its current state for them)."""
         self.publish({"type": "changed", "name": name})
 
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` (synchronously, so keep it cheap: schedule work) after every published event."""
+        self._listeners.append(listener)
+
     def publish(self, event: dict[str, Any]) -> None:
         event.setdefault("time", time.time())
+        for listener in self._listeners:
+            listener()
         for queue in list(self._subscribers):
             if queue.qsize() < 10_000:  # a stuck reader must not grow the daemon without bound
                 queue.put_nowait(event)

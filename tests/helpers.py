@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import http.client
 import os
 import shlex
@@ -81,7 +80,8 @@ class Daemon:
             stdout=self.log, stderr=subprocess.STDOUT, env=self.env,
         )
         if wait:
-            wait_until(lambda: self._alive() and self.client.request("GET", "/v1/status"), 20, "daemon to listen")
+            wait_until(lambda: self._alive() and self.client.request("GET", "/v1/status").get("ready"), 20,
+                       "daemon to be ready")
         return self
 
     def _alive(self) -> bool:
@@ -157,11 +157,59 @@ def kill_leftovers(instance: str) -> list[int]:
 
 
 
-def make_proxy(registry: Registry, **kwargs: Any) -> Proxy:
-    """A Proxy over `registry`; keyword arguments that name ProxySettings fields become its settings."""
-    names = {f.name for f in dataclasses.fields(ProxySettings)}
-    settings = ProxySettings(**{k: v for k, v in kwargs.items() if k in names})
-    return Proxy(registry, settings, **{k: v for k, v in kwargs.items() if k not in names})
+class LocalProxy:
+    """A Proxy in this process fed from a Registry, as the daemon feeds its workers: the table is rebuilt after
+    every registry change, and the in-flight counts are copied back into the registry every 10 ms."""
+
+    def __init__(self, registry: Registry, *, on_connect_failure: Callable[[Any], None] | None = None,
+                 gpus: Callable[[], Any] = tuple, **settings: Any) -> None:
+        from gpud.proxy.counters import Counters
+        from gpud.proxy.table import Feed
+
+        self.registry = registry
+        self.counters = Counters.local()
+        self.feed = Feed(registry, self.counters, gpus)
+        failed = on_connect_failure or (lambda replica: None)
+
+        class Link:
+            def connect_failed(self, model: str, index: int) -> None:
+                found = registry.get(model)
+                if found is not None and index in found.replicas:
+                    failed(found.replicas[index])
+
+        self.proxy = Proxy(ProxySettings(**settings), counters=self.counters, link=Link())
+        self._task: Any = None
+
+    def refresh(self) -> None:
+        self.proxy.set_table(self.feed.table())
+
+    def render(self) -> tuple[bytes, str]:
+        """The proxy's /metrics exposition."""
+        return self.proxy.metrics.render(self.proxy.table, self.counters)
+
+    async def start(self) -> tuple[str, int]:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        self.registry.on_change(lambda: loop.call_soon(self.refresh))
+        self.refresh()
+        await self.proxy.start("127.0.0.1", 0)
+
+        async def copy() -> None:
+            while True:
+                self.feed.copy_counts()
+                await asyncio.sleep(0.01)
+
+        self._task = loop.create_task(copy())
+        return self.proxy.address
+
+    async def close(self) -> None:
+        import asyncio
+
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self.proxy.close()
 
 
 # ---- in-process harness: the supervisor and the service inside the test's own event loop ----------------

@@ -308,5 +308,8 @@ def test_replicas_and_the_proxy_listen_on_loopback_only(daemon: Daemon) -> None:
             listening[proc.pid] = [c.laddr.ip for c in proc.net_connections(kind="inet")
                                    if c.status == psutil.CONN_LISTEN]
     assert all(listening[r["pid"]] for r in shown["replicas"])  # each replica does listen
-    assert daemon.port in {c.laddr.port for c in psutil.Process(daemon.proc.pid).net_connections(kind="inet")}
+    # The proxy port listens in the daemon's proxy worker (a child of the daemon, not of a replica).
+    workers = psutil.Process(daemon.proc.pid).children()  # type: ignore[union-attr]
+    assert any(c.laddr.port == daemon.port and c.status == psutil.CONN_LISTEN
+               for w in workers for c in w.net_connections(kind="inet"))
     assert {ip for ips in listening.values() for ip in ips} == {"127.0.0.1"}, listening

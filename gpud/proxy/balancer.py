@@ -1,47 +1,44 @@
 """Least-connections choice among a model's ready replicas (pure: no I/O, called once per proxied request).
 
 SPEC §9: the replica with the fewest in-flight requests wins; ties are broken by rotating through the tied
-replicas in index order, so 9 sequential requests to 3 idle replicas go 3/3/3. The rotation cursor lives on
-the model (`Model.rotation`) and holds the index *after* the last tie-break winner: the next tie goes to the
-first tied replica at or above it, wrapping around. A cursor by index (rather than a counter modulo the
-number of tied replicas) keeps the rotation fair when the set of tied replicas changes between requests.
+replicas in index order, so 9 sequential requests to 3 idle replicas go 3/3/3. In-flight counts are read
+through `inflight(slot)`, which sums every proxy worker's count (gpud.proxy.counters), so the choice is the
+same whichever worker makes it. The rotation cursor holds the index *after* the last tie-break winner: the
+next tie goes to the first tied replica at or above it, wrapping around. A cursor by index (rather than a
+counter modulo the number of tied replicas) keeps the rotation fair when the set of tied replicas changes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Sequence
 
-from gpud.registry import Model, Replica, ReplicaState
-
-_READY = ReplicaState.READY
+from gpud.proxy.table import ReplicaRoute
 
 
-def choose(model: Model, exclude: Collection[int] = ()) -> Replica | None:
-    """The READY replica (not in `exclude`, by index) with the fewest in-flight requests, or None.
+def choose(
+    ready: Sequence[ReplicaRoute],
+    inflight: Callable[[int], int],
+    cursor: int,
+    exclude: Collection[int] = (),
+) -> tuple[ReplicaRoute | None, int]:
+    """The ready replica (not in `exclude`, by index) with the fewest in-flight requests, and the new cursor.
 
-    Advances `model.rotation` when it breaks a tie. Linear in the number of replicas, no sorting unless
-    several replicas tie (the common case for idle replicas is handled in the same single pass).
+    `ready` is in index order. Linear in the number of replicas; the cursor only matters on a tie.
     """
-    best: Replica | None = None
-    tied: list[Replica] = []
-    for replica in model.replicas.values():
-        if replica.state is not _READY or (exclude and replica.index in exclude):
+    best: ReplicaRoute | None = None
+    best_load = 0
+    tied: list[ReplicaRoute] = []
+    for replica in ready:
+        if exclude and replica.index in exclude:
             continue
-        if best is None or replica.inflight < best.inflight:
-            best = replica
-            tied = [replica]
-        elif replica.inflight == best.inflight:
+        load = inflight(replica.slot)
+        if best is None or load < best_load:
+            best, best_load, tied = replica, load, [replica]
+        elif load == best_load:
             tied.append(replica)
     if best is None:
-        return None
+        return None, cursor
     if len(tied) > 1:
-        cursor = model.rotation
-        # The first tied replica at or above the cursor, else wrap to the lowest index.
-        above = [r for r in tied if r.index >= cursor]
-        best = min(above or tied, key=_index)
-    model.rotation = best.index + 1
-    return best
-
-
-def _index(replica: Replica) -> int:
-    return replica.index
+        # The first tied replica at or above the cursor, else wrap to the lowest index (`ready` is sorted).
+        best = next((r for r in tied if r.index >= cursor), tied[0])
+    return best, best.index + 1

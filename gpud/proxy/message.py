@@ -1,7 +1,7 @@
-"""The proxy's HTTP message rules, apart from any I/O: which header fields cross the proxy, the head sent to a
-replica, the OpenAI-style error bodies, and how the model is found in a request body.
+"""The proxy's HTTP message rules, apart from any I/O: which header fields cross the proxy, the heads sent to a
+replica and to a client, the OpenAI-style error answers, and how the model is found in a request body.
 
-Kept free of sockets and event loops so that each rule is a plain function of its inputs.
+Everything works on bytes as they came off the wire, so that no field is decoded that does not have to be.
 """
 
 from __future__ import annotations
@@ -9,34 +9,107 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 
-from aiohttp import web
-from multidict import CIMultiDict
+from gpud.proxy.upstream import Framing
 
 MODEL_HEADER = "X-Gpud-Model"
 REPLICA_HEADER = "X-Gpud-Replica"
+MODEL_HEADER_LOWER = MODEL_HEADER.lower().encode()
 # RFC 9110 §7.6.1 hop-by-hop fields (plus the non-standard Proxy-Connection); the ones named by a
 # Connection header are dropped as well, per message.
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "proxy-authorization",
-        "proxy-authenticate",
-    }
-)
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade",
+    b"proxy-authorization", b"proxy-authenticate",
+})
 # Host is rewritten for the replica, Content-Length recomputed from the buffered body, and Expect was already
-# answered by this server; X-Forwarded-* are set below. Request headers are filtered as raw bytes.
-_REQUEST_DROP = frozenset(
-    h.encode()
-    for h in HOP_BY_HOP | {"host", "content-length", "expect", "x-forwarded-for", "x-forwarded-proto"}
-)
-_RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
-_BODYLESS_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "TRACE"})
+# answered by the proxy; X-Forwarded-* are set below.
+_REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"x-forwarded-for", b"x-forwarded-proto"}
+_RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
+_BODYLESS_METHODS = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS", b"TRACE"})
+_REASONS = {200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found", 405: b"Method Not Allowed",
+            413: b"Payload Too Large", 431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
+            502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout"}
+
+
+def connection_tokens(values: Iterable[bytes]) -> frozenset[bytes]:
+    """The field names a Connection header lists: hop-by-hop for this message too."""
+    return frozenset(t.strip().lower() for v in values for t in v.split(b",") if t.strip())
+
+
+def upstream_head(
+    method: bytes,
+    target: bytes,
+    port: int,
+    headers: Sequence[tuple[bytes, bytes]],
+    *,
+    remote: bytes,
+    body_length: int,
+    drop_authorization: bool,
+) -> tuple[bytes, bytes]:
+    """The request head for a replica, as (start line and Host up to the port, the rest): only the port
+    differs between attempts, so the caller joins `start + b"%d" % port + rest`.
+
+    The client's end-to-end fields pass as raw bytes; X-Forwarded-For/Proto and Content-Length are added.
+    `drop_authorization`: the bearer key is gpud's own, and the replica must not see it."""
+    drop = _REQUEST_DROP
+    connection = [v for n, v in headers if n.lower() == b"connection"]
+    if connection:
+        drop = drop | connection_tokens(connection)
+    if drop_authorization:
+        drop = drop | {b"authorization"}
+    parts: list[bytes] = [b"\r\n"]
+    prior: list[bytes] = []
+    for name, value in headers:
+        lower = name.lower()
+        if lower not in drop:
+            parts += (name, b": ", value, b"\r\n")
+        elif lower == b"x-forwarded-for":
+            prior.append(value)
+    parts += (b"X-Forwarded-For: ", b", ".join(prior) + b", " + remote if prior else remote,
+              b"\r\nX-Forwarded-Proto: http\r\n")
+    if body_length or method not in _BODYLESS_METHODS:
+        parts.append(b"Content-Length: %d\r\n" % body_length)
+    parts.append(b"\r\n")
+    return b"%s %s HTTP/1.1\r\nHost: 127.0.0.1:" % (method, target), b"".join(parts)
+
+
+def client_head(
+    status: int,
+    reason: bytes,
+    headers: Iterable[tuple[bytes, bytes]],
+    replica: int,
+    framing: Framing,
+    content_length: int | None,
+    *,
+    decoded: bool,
+    keep_alive: bool,
+) -> tuple[bytes, bool]:
+    """The response head for the client, and whether the client connection can stay open after it.
+
+    The body goes on as the replica framed it: a chunked body stays chunked (unless `decoded`: an HTTP/1.0
+    client gets the decoded data, ended by closing the connection), a Content-Length stays, a body ended by
+    the replica's close ends with ours."""
+    headers = list(headers)
+    drop = _RESPONSE_DROP
+    connection = [v for n, v in headers if n.lower() == b"connection"]
+    if connection:
+        drop = drop | connection_tokens(connection)
+    parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason or _REASONS.get(status, b"Unknown"))]
+    for name, value in headers:
+        if name.lower() not in drop:
+            parts += (name, b": ", value, b"\r\n")
+    parts.append(b"%s: %d\r\n" % (REPLICA_HEADER.encode(), replica))
+    if framing is Framing.CHUNKED and not decoded:
+        parts.append(b"Transfer-Encoding: chunked\r\n")
+    elif content_length is not None and framing in (Framing.LENGTH, Framing.NONE):
+        parts.append(b"Content-Length: %d\r\n" % content_length)
+    elif framing is Framing.NONE:
+        parts.append(b"Content-Length: 0\r\n")
+    else:
+        keep_alive = False  # the body ends when the connection does
+    if not keep_alive:
+        parts.append(b"Connection: close\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts), keep_alive
 
 
 def error_body(message: str, type_: str, code: str) -> bytes:
@@ -44,13 +117,25 @@ def error_body(message: str, type_: str, code: str) -> bytes:
     return json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
 
 
-def error_response(
-    status: int, message: str, type_: str, code: str, headers: dict[str, str] | None = None
-) -> web.Response:
-    """An OpenAI-style error answer."""
-    return web.Response(
-        status=status, body=error_body(message, type_, code), content_type="application/json", headers=headers
-    )
+def simple_response(status: int, body: bytes, *, content_type: bytes = b"application/json",
+                    extra: Sequence[tuple[bytes, bytes]] = (), keep_alive: bool = True, head_only: bool = False) -> bytes:
+    """A whole response from the proxy itself (errors, /health, /v1/models, /metrics)."""
+    parts = [b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+             % (status, _REASONS.get(status, b"Unknown"), content_type, len(body))]
+    for name, value in extra:
+        parts += (name, b": ", value, b"\r\n")
+    if not keep_alive:
+        parts.append(b"Connection: close\r\n")
+    parts.append(b"\r\n")
+    if not head_only:
+        parts.append(body)
+    return b"".join(parts)
+
+
+def error_response(status: int, message: str, type_: str, code: str,
+                   extra: Sequence[tuple[bytes, bytes]] = (), *, keep_alive: bool = True) -> bytes:
+    """An OpenAI-style error answer, whole."""
+    return simple_response(status, error_body(message, type_, code), extra=extra, keep_alive=keep_alive)
 
 
 def sse_error_event(message: str) -> bytes:
@@ -58,86 +143,20 @@ def sse_error_event(message: str) -> bytes:
     return b"data: %s\n\n" % error_body(message, "server_error", "upstream_error")
 
 
-def connection_tokens(values: Sequence[str]) -> frozenset[str]:
-    """The field names a Connection header lists: hop-by-hop for this message too."""
-    return frozenset(t.strip().lower() for v in values for t in v.split(",") if t.strip())
-
-
-def upstream_head_tail(
-    raw_headers: Iterable[tuple[bytes, bytes]],
-    connection: Sequence[str],
-    *,
-    method: str,
-    remote: str | None,
-    scheme: str,
-    body: bytes,
-    drop_authorization: bool,
-) -> bytes:
-    """The request head after the Host line: the client's end-to-end fields as raw bytes, X-Forwarded-*,
-    Content-Length, and the blank line. `connection`: the values of the client's Connection fields;
-    `drop_authorization`: the bearer key is gpud's own, and the replica must not see it."""
-    drop = _REQUEST_DROP
-    if connection:
-        drop = drop | {t.encode("latin-1", "replace") for t in connection_tokens(connection)}
-    if drop_authorization:
-        drop = drop | {b"authorization"}
-    parts: list[bytes] = []
-    prior: list[bytes] = []
-    for name, value in raw_headers:
-        lower = name.lower()
-        if lower not in drop:
-            parts += (name, b": ", value, b"\r\n")
-        elif lower == b"x-forwarded-for":
-            prior.append(value)
-    address = (remote or "").encode()
-    parts += (
-        b"X-Forwarded-For: ",
-        b", ".join(prior) + b", " + address if prior else address,
-        b"\r\n",
-        b"X-Forwarded-Proto: ",
-        scheme.encode(),
-        b"\r\n",
-    )
-    if body or method not in _BODYLESS_METHODS:
-        parts.append(b"Content-Length: %d\r\n" % len(body))
-    parts.append(b"\r\n")
-    return b"".join(parts)
-
-
-def response_headers(headers: Iterable[tuple[str, str]], index: int) -> CIMultiDict[str]:
-    """The replica's response fields that go on to the client, plus X-Gpud-Replica."""
-    headers = list(headers)
-    drop = _RESPONSE_DROP
-    connection = [v for k, v in headers if k.lower() == "connection"]
-    if connection:
-        drop = drop | connection_tokens(connection)
-    out: CIMultiDict[str] = CIMultiDict()
-    for key, value in headers:
-        if key.lower() not in drop:
-            out.add(key, value)
-    out[REPLICA_HEADER] = str(index)
-    return out
-
-
-def model_from_body(body: bytes, encoding: str = "identity") -> tuple[str | None, str]:
+def model_from_body(body: bytes, encoding: bytes | None) -> tuple[str | None, str]:
     """The JSON body's "model", or None and the sentence that says what is wrong with the request."""
     if not body:
-        return (
-            None,
-            f'No model given: set the {MODEL_HEADER} header or send a JSON body with a "model" field.',
-        )
-    if encoding.strip().lower() not in ("", "identity"):
+        return None, f'No model given: set the {MODEL_HEADER} header or send a JSON body with a "model" field.'
+    if encoding is not None and encoding.strip().lower() not in (b"", b"identity"):
         # Bodies are forwarded as sent; decompressing one only to route it would let a small request
         # expand into gigabytes. The header routes it without reading it.
-        return None, f"The request body is compressed ({encoding}): set the {MODEL_HEADER} header to route it."
+        shown = encoding.decode("latin-1")
+        return None, f"The request body is compressed ({shown}): set the {MODEL_HEADER} header to route it."
     try:
         doc = json.loads(body)
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; deep nesting a RecursionError
         return None, "The request body is not valid JSON."
     model = doc.get("model") if isinstance(doc, dict) else None
     if not isinstance(model, str) or not model:
-        return (
-            None,
-            f'No model given: the JSON body needs a "model" string (or set the {MODEL_HEADER} header).',
-        )
+        return None, f'No model given: the JSON body needs a "model" string (or set the {MODEL_HEADER} header).'
     return model, ""

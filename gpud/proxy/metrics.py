@@ -1,32 +1,34 @@
-"""Prometheus metrics for `GET /metrics` on the proxy (SPEC §9).
+"""Prometheus metrics for `GET /metrics` on the proxy (SPEC §9, §14: the sum over every worker).
 
 Two kinds of series:
 
-* Events the proxy observes (requests, errors, latency, time to first byte of streams) are prometheus-client
-  counters and histograms, recorded through a small per-(model, replica) `Series` object that the proxy
-  fetches once per request, so the hot path does one dict lookup instead of several `labels()` calls.
-* State the daemon already holds (in-flight requests, replica readiness, restarts, the GPU ledger) is read
-  from the registry and the ledger when Prometheus scrapes, by a custom collector: the registry stays the
-  one source of truth and nothing has to be kept in sync.
+* Events a worker observes (requests, errors, latency, time to first byte of streams): prometheus-client
+  counters and histograms, recorded through a small per-(model, replica) `Series` the proxy fetches once per
+  request. With several workers, prometheus-client's multiprocess mode keeps each worker's values in a file
+  of a directory the daemon made (PROMETHEUS_MULTIPROC_DIR, set in the worker's environment before the
+  library is imported); whichever worker answers a scrape sums them all, so the figures never depend on which
+  worker a scrape lands on, and a restarted worker's earlier counts are kept.
+* State (requests in flight, replica readiness, restarts, the GPU ledger) is read at scrape time from the
+  route table the daemon pushed and from the shared counters: nothing has to be kept in sync.
 
-Everything lives in a private `CollectorRegistry`, never the process-global one, so several daemons (or
-tests) in one process do not collide.
+Series of models that no longer exist leave the exposition (they are filtered at scrape time; in multiprocess
+mode a dead worker's file cannot be edited). Every registry here is private, never the process-global one.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterator
+import os
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from gpud.registry import Registry, ReplicaState
+from gpud.proxy.counters import Counters
+from gpud.proxy.table import RouteTable
 
-log = logging.getLogger(__name__)
-
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # LLM requests last from milliseconds (a cached short completion) to minutes (long generations).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 TTFB_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -38,7 +40,7 @@ class Series:
 
     __slots__ = ("_metrics", "_labels", "_requests", "_errors", "duration", "ttfb")
 
-    def __init__(self, metrics: Metrics, model: str, replica: str) -> None:
+    def __init__(self, metrics: RequestMetrics, model: str, replica: str) -> None:
         self._metrics = metrics
         self._labels = (model, replica)
         self._requests: dict[int, Any] = {}
@@ -61,55 +63,35 @@ class Series:
             child = self._errors[kind] = self._metrics.errors.labels(*self._labels, kind)
         child.inc()
 
-    def remove(self) -> None:
-        """Drop this pair's series from the exposition (its model is gone)."""
-        m = self._metrics
-        for status in self._requests:
-            m.requests.remove(*self._labels, str(status))
-        for kind in self._errors:
-            m.errors.remove(*self._labels, kind)
-        m.duration.remove(*self._labels)
-        m.ttfb.remove(*self._labels)
 
+class RequestMetrics:
+    """A worker's request counters; `render` gives the whole exposition (every worker's, plus state)."""
 
-class Metrics:
-    """Proxy and daemon metrics in their own CollectorRegistry."""
-
-    def __init__(self, registry: Registry, ledger: Any | None = None) -> None:
-        self.registry = registry
-        self.ledger = ledger
-        self.collector_registry = CollectorRegistry(auto_describe=True)
+    def __init__(self, multiproc_dir: str | None = None) -> None:
+        """multiproc_dir: the directory of prometheus-client's multiprocess mode (it must also be in the
+        environment as PROMETHEUS_MULTIPROC_DIR when prometheus_client is first imported), else None."""
+        if multiproc_dir is not None and os.environ.get(MULTIPROC_ENV) != multiproc_dir:
+            raise ValueError(f"{MULTIPROC_ENV} must be {multiproc_dir} before prometheus_client is imported")
+        self._dir = multiproc_dir
+        own = None if multiproc_dir else CollectorRegistry(auto_describe=True)
         labels = ("model", "replica")
         self.requests = Counter(
-            "gpud_proxy_requests",
-            "Requests answered by the proxy, by model, replica and HTTP status.",
-            (*labels, "code"),
-            registry=self.collector_registry,
-        )
+            "gpud_proxy_requests", "Requests answered by the proxy, by model, replica and HTTP status.",
+            (*labels, "code"), registry=own)
         self.errors = Counter(
             "gpud_proxy_errors",
             "Proxy errors by kind: bad_request, too_large, unauthorized, model_not_found, no_ready_replica, "
             "connect (one per failed upstream attempt), upstream (broken after the response started), "
-            "timeout, client_disconnect.",
-            (*labels, "kind"),
-            registry=self.collector_registry,
-        )
+            "timeout, client_disconnect, client_timeout, too_many_connections.",
+            (*labels, "kind"), registry=own)
         self.duration = Histogram(
-            "gpud_proxy_request_duration_seconds",
-            "Time from request arrival to the last response byte.",
-            labels,
-            buckets=LATENCY_BUCKETS,
-            registry=self.collector_registry,
-        )
+            "gpud_proxy_request_duration_seconds", "Time from request arrival to the last response byte.",
+            labels, buckets=LATENCY_BUCKETS, registry=own)
         self.ttfb = Histogram(
-            "gpud_proxy_ttfb_seconds",
-            "Streaming responses: time from request arrival to the first body chunk.",
-            labels,
-            buckets=TTFB_BUCKETS,
-            registry=self.collector_registry,
-        )
+            "gpud_proxy_ttfb_seconds", "Streaming responses: time from request arrival to the first body chunk.",
+            labels, buckets=TTFB_BUCKETS, registry=own)
+        self._own = own
         self._series: dict[tuple[str, str], Series] = {}
-        self.collector_registry.register(_StateCollector(self))
 
     def series(self, model: str, replica: int | str = "") -> Series:
         """The cached metric children for a model and a replica index ("" when no replica was chosen)."""
@@ -119,72 +101,73 @@ class Metrics:
             found = self._series[key] = Series(self, *key)
         return found
 
-    def render(self) -> tuple[bytes, str]:
-        """The Prometheus text exposition and its content type."""
-        self._prune()
-        return generate_latest(self.collector_registry), CONTENT_TYPE_LATEST
+    def forget(self, live: Iterable[str]) -> None:
+        """Drop the cached children of models that are gone (the labels stay bounded in a worker's life)."""
+        keep = set(live) | {""}
+        for key in [k for k in self._series if k[0] not in keep]:
+            del self._series[key]
 
-    def _prune(self) -> None:
-        # Series of models that no longer exist would otherwise stay forever (one set per model ever run).
-        # Model "" (requests that named no known model) is kept: its label set is bounded.
-        models = self.registry.models
-        for key in [k for k in self._series if k[0] and k[0] not in models]:
-            self._series.pop(key).remove()
+    def render(self, table: RouteTable, counters: Counters) -> tuple[bytes, str]:
+        """The Prometheus text exposition and its content type."""
+        exposition = CollectorRegistry(auto_describe=False)
+        live = set(table.models) | {""}
+        if self._dir is not None:
+            from prometheus_client import multiprocess
+
+            events: Collector = multiprocess.MultiProcessCollector(None, self._dir)  # type: ignore[no-untyped-call]
+        else:
+            assert self._own is not None
+            events = self._own
+        exposition.register(_LiveOnly(events, live))
+        exposition.register(_StateCollector(table, counters))
+        return generate_latest(exposition), CONTENT_TYPE_LATEST
+
+
+class _LiveOnly(Collector):
+    """Another collector's families, without the samples of models that no longer exist."""
+
+    def __init__(self, inner: Collector | CollectorRegistry, live: set[str]) -> None:
+        self._inner = inner
+        self._live = live
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._inner.collect():
+            family.samples = [s for s in family.samples if s.labels.get("model", "") in self._live]
+            yield family
 
 
 class _StateCollector(Collector):
-    """Reads the registry and the ledger at scrape time."""
+    """Reads the route table and the shared counters at scrape time."""
 
-    def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
-
-    def describe(self) -> list[Metric]:
-        # Empty: the family set depends on what is running; no need to check for name clashes up front.
-        return []
+    def __init__(self, table: RouteTable, counters: Counters) -> None:
+        self._table = table
+        self._counters = counters
 
     def collect(self) -> Iterator[Metric]:
         labels = ["model", "replica"]
-        inflight = GaugeMetricFamily(
-            "gpud_proxy_inflight_requests", "Requests in flight to each replica.", labels=labels
-        )
-        ready = GaugeMetricFamily(
-            "gpud_replica_ready", "1 when the replica is ready (in the balancer), else 0.", labels=labels
-        )
-        restarts = CounterMetricFamily(
-            "gpud_replica_restarts", "Restarts of each replica since its model started.", labels=labels
-        )
-        for model in self._metrics.registry:
-            for replica in list(model.replicas.values()):
+        inflight = GaugeMetricFamily("gpud_proxy_inflight_requests", "Requests in flight to each replica.",
+                                     labels=labels)
+        ready = GaugeMetricFamily("gpud_replica_ready", "1 when the replica is ready (in the balancer), else 0.",
+                                  labels=labels)
+        restarts = CounterMetricFamily("gpud_replica_restarts", "Restarts of each replica since its model started.",
+                                       labels=labels)
+        for model in self._table.models.values():
+            for replica in model.replicas:
                 values = [model.name, str(replica.index)]
-                inflight.add_metric(values, replica.inflight)
-                ready.add_metric(values, 1 if replica.state is ReplicaState.READY else 0)
+                inflight.add_metric(values, self._counters.inflight(replica.slot))
+                ready.add_metric(values, 1 if replica.ready else 0)
                 restarts.add_metric(values, replica.restarts)
         yield inflight
         yield ready
         yield restarts
-        yield from self._ledger()
-
-    def _ledger(self) -> Iterator[Metric]:
-        ledger = self._metrics.ledger
-        if ledger is None:
-            return
-        try:
-            data = ledger.to_json()
-        except Exception:  # a scrape must not fail because one reading did; the log says why
-            log.exception("Could not read the GPU ledger for /metrics.")
-            return
-        gpus = data.get("gpus", []) if isinstance(data, dict) else data
         families = {
-            name: GaugeMetricFamily(
-                f"gpud_gpu_{name}",
-                f"GPU memory: {name.removesuffix('_bytes')} (bytes), from the ledger.",
-                labels=["gpu"],
-            )
+            name: GaugeMetricFamily(f"gpud_gpu_{name}", f"GPU memory: {name.removesuffix('_bytes')} (bytes), "
+                                    "from the ledger.", labels=["gpu"])
             for name in _LEDGER_FIELDS
         }
-        for gpu in gpus:
+        for gpu in self._table.gpus:
             for name, family in families.items():
                 value = gpu.get(name)
-                if isinstance(value, (int, float)):
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
                     family.add_metric([str(gpu.get("index"))], value)
         yield from families.values()

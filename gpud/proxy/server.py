@@ -1,30 +1,24 @@
-"""The OpenAI-compatible reverse proxy in front of every model's replicas (SPEC §9).
+"""The OpenAI-compatible reverse proxy in front of every model's replicas (SPEC §9), as one worker runs it.
 
 A request is routed by its `X-Gpud-Model` header, else by the `"model"` of its JSON body (parsed only when the
-header is absent), to the ready replica with the fewest in-flight requests (`gpud.proxy.balancer.choose`). The
-registry is read directly on every request: same process, no polling, no second copy of the state.
+header is absent), to the ready replica with the fewest requests in flight over every worker
+(gpud.proxy.balancer over gpud.proxy.counters). What the proxy knows of the models is the route table the
+daemon pushed (gpud.proxy.table); it never decides a replica's life, it only tells the daemon what it saw
+(`Link`: a replica it cannot connect to).
 
-Performance matters (it is benchmarked against nginx): the hop to the replicas goes through one shared
-keep-alive pool of gpud.proxy.upstream (a lean HTTP/1.1 client: aiohttp's generic ClientSession cost ~40 % of the
-proxy's CPU), the request head is assembled from the raw header bytes, small responses are sent in one
-write, and nothing is decoded that does not have to be. Streams (SSE, chunked) are forwarded chunk by chunk
-as they arrive, awaiting each client write (backpressure), with an idle read timeout instead of a total
-one (gpud.proxy.relay; the HTTP message rules are in gpud.proxy.message). `start()` runs the server with handler
-cancellation on, so a client that goes away cancels its handler at once, which closes the connection to the
-replica, which then stops generating.
-
-Slow and stuck clients (gpud.proxy.guard): a request head must arrive within `client_timeout_sec`, a body
-must keep coming, and a client must keep reading what it asked for, else its connection is cut; above
-`max_connections` new connections get a 503.
+The hot path is lean on purpose (it is benchmarked against nginx and a Rust router): asyncio protocols, a C
+HTTP parser, the head to the replica assembled from the raw header bytes and written with the body in one
+write, the replica's body relayed as the bytes it sent (gpud.proxy.upstream), flow control by pausing and
+resuming the two transports, no per-request objects beyond one task.
 
 Failure rules: nothing is retried once a byte of the response has gone to the client, and everything that
 fails before is retried on another ready replica when the replica may simply be gone: the connection could
-not be made (the replica is reported through `on_connect_failure`, which the supervisor uses to take it out
-of rotation until its health check passes), or it closed before the response head, or before the first
-chunk of a body (response heads are held back until then, so a replica that dies before its first token
-costs the client nothing). A replica that stays silent past `idle_timeout_sec` is not retried (it may still
-be working on the request): 504. A stream cut after bytes went out ends with an OpenAI-style error event (for
-SSE, when the cut falls between events) and a cut connection, so the client sees an error, never a clean end.
+not be made (the replica is reported, and the supervisor takes it out of rotation until its health check
+passes), or it closed before the response head, or before the first bytes of the body (heads are held back
+until then, so a replica that dies before its first token costs the client nothing). A replica that stays
+silent past `idle_timeout_sec` is not retried (it may still be working on the request): 504. A stream cut
+after bytes went out ends with an OpenAI-style error event (for SSE, when the cut falls between events) and
+a cut connection, so the client sees an error, never a clean end.
 """
 
 from __future__ import annotations
@@ -32,409 +26,365 @@ from __future__ import annotations
 import asyncio
 import errno
 import hmac
+import json
 import logging
 import time
-from collections.abc import Callable
-
-from aiohttp import web
+from collections.abc import Sequence
+from typing import Protocol
+from urllib.parse import unquote
 
 from gpud.config import ProxySettings
 from gpud.errors import GpudError
 from gpud.proxy.balancer import choose
-from gpud.proxy.guard import Listener, Stall
+from gpud.proxy.connection import ClientConnection, Request
+from gpud.proxy.counters import Counters
+from gpud.proxy.guard import Refused, auto_max_connections, listen_socket
 from gpud.proxy.message import (
-    MODEL_HEADER,
+    MODEL_HEADER_LOWER,
+    client_head,
     error_response,
     model_from_body,
-    upstream_head_tail,
+    simple_response,
+    sse_error_event,
+    upstream_head,
 )
-from gpud.proxy.metrics import Metrics
-from gpud.proxy.relay import NullSeries, relay
+from gpud.proxy.metrics import RequestMetrics, Series
+from gpud.proxy.table import ModelRoute, RouteTable
 from gpud.proxy.upstream import (
     BrokenResponse,
     ConnectFailed,
     NoResponse,
     Pool,
     ResponseCut,
+    ResponseHead,
+    UpstreamConnection,
     UpstreamTimeout,
 )
-from gpud.registry import Model, Registry, Replica
-from gpud.serverlog import ServerLog
 
 log = logging.getLogger(__name__)
 
-# Responses up to this size with a Content-Length are read whole and sent in one write (fewer syscalls and
-# task switches for the common small JSON answer); anything else is streamed.
-_BUFFER_LIMIT = 256 * 1024
+_GET, _HEAD, _POST = b"GET", b"HEAD", b"POST"
+_MODELS_PREFIX = b"/v1/models/"
+
+
+class Link(Protocol):
+    """What a worker tells the daemon."""
+
+    def connect_failed(self, model: str, index: int) -> None:
+        """A connection to this replica could not be made: the supervisor should check it now."""
+
+
+class _NoLink:
+    def connect_failed(self, model: str, index: int) -> None:
+        pass
 
 
 class Proxy:
-    """Routes OpenAI-style requests to the replicas in the registry; see the module docstring."""
+    """Routes OpenAI-style requests to the replicas of the route table; see the module docstring."""
 
-    def __init__(
-        self,
-        registry: Registry,
-        settings: ProxySettings = ProxySettings(),  # noqa: B008 - frozen, so one shared default is safe
-        *,
-        metrics: Metrics | None = None,
-        on_connect_failure: Callable[[Replica], None] = lambda r: None,
-    ) -> None:
-        """settings.idle_timeout_sec: how long a replica may send nothing; client_timeout_sec: how long a client
-        may take to send a request head, pause while sending a body, or leave response bytes unread;
-        max_connections: open client connections at most (0: derived from the file descriptor limit)."""
-        self._registry = registry
+    def __init__(self, settings: ProxySettings = ProxySettings(), *,  # noqa: B008 - frozen
+                 counters: Counters | None = None, link: Link | None = None,
+                 metrics: RequestMetrics | None = None) -> None:
+        self.settings = settings
+        self.client_timeout = settings.client_timeout_sec
+        self.max_body = settings.max_body_bytes
+        self.counters = counters or Counters.local()
+        self.link: Link = link or _NoLink()
+        self.metrics = metrics or RequestMetrics()
+        self.table = RouteTable()
         self._keys = tuple(k.encode() for k in settings.api_keys if k)
-        self._max_body = settings.max_body_bytes
-        self._metrics = metrics
-        self._on_connect_failure = on_connect_failure
-        self._idle_timeout = settings.idle_timeout_sec
-        self._client_timeout = settings.client_timeout_sec
-        self._max_connections = settings.max_connections
+        self._unrouted = self.metrics.series("")
         self._pool: Pool | None = None
-        self._runner: web.AppRunner | None = None
-        self._listener: Listener | None = None
-        # Used when no Metrics object is given, so the hot path never branches on it.
-        self._null_series = NullSeries()
+        self._server: asyncio.Server | None = None
+        self._connections: set[ClientConnection] = set()
+        self.max_connections = 0
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
-    def make_app(self) -> web.Application:
-        app = web.Application(client_max_size=self._max_body)
-        # One catch-all route, dispatched below by plain string comparisons: cheaper on the hot path than
-        # letting the router try a regex per resource on every proxied request.
-        app.router.add_route("*", "/{tail:.*}", self._dispatch)
-        app.on_startup.append(self._open_pool)
-        app.on_cleanup.append(self._close_pool)
-        return app
+    def set_table(self, table: RouteTable) -> None:
+        if set(table.models) != set(self.table.models):
+            self.metrics.forget(table.models)
+        self.table = table
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> None:
         """Listen on host:port; a GpudError says why when the address cannot be bound."""
-        # keepalive_timeout: aiohttp closes a connection that sends no complete request head for this long
-        # after its previous response. Header sizes keep aiohttp's limits (8190-byte lines, 128 fields: 4xx).
-        runner = web.AppRunner(
-            self.make_app(),
-            access_log=None,
-            handler_cancellation=True,
-            keepalive_timeout=self._client_timeout,
-            logger=ServerLog(log),
-            auto_decompress=False,  # bodies pass unchanged: a gzipped body reaches the replica gzipped
-        )
-        await runner.setup()
-        assert runner.server is not None
-        unrouted = self._metrics.series("") if self._metrics is not None else self._null_series
-        listener = Listener(
-            runner.server,
-            max_connections=self._max_connections,
-            head_timeout=self._client_timeout,
-            on_refused=lambda: unrouted.error("too_many_connections"),
-            on_head_timeout=lambda: unrouted.error("client_timeout"),
-        )
+        loop = asyncio.get_running_loop()
+        self._pool = Pool(idle_timeout=self.settings.idle_timeout_sec)
+        self.max_connections = self.settings.max_connections or auto_max_connections()
         try:
-            await listener.listen(host, port, backlog=1024)
+            sock = listen_socket(host, port, reuse_port=reuse_port)
         except OSError as exc:
-            await runner.cleanup()
-            if exc.errno == errno.EADDRINUSE:
-                raise GpudError(
-                    f"Cannot listen on {host}:{port} for the proxy: the address is already in use "
-                    "(another gpud or server?); choose another with --listen."
-                ) from None
-            raise GpudError(f"Cannot listen on {host}:{port} for the proxy: {exc.strerror or exc}.") from None
-        self._runner = runner
-        self._listener = listener
+            raise bind_error(host, port, exc) from None
+        self._server = await loop.create_server(self._accept, sock=sock)
+
+    async def stop_accepting(self) -> None:
+        """Shutdown begins: no new connections; the open ones are served until they close."""
+        if self._server is not None:
+            self._server.close()
 
     async def close(self) -> None:
-        """Stop listening and close the connections to the replicas."""
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
-        if self._runner is not None:
-            runner, self._runner = self._runner, None
-            await runner.cleanup()
-        await self._close_pool()
-
-    @property
-    def address(self) -> tuple[str, int]:
-        address = self._listener.address if self._listener is not None else None
-        if address is None:
-            raise GpudError("The proxy is not listening.")
-        return address
-
-    @property
-    def max_connections(self) -> int:
-        """The connection limit in force (after `start()`; 0 before)."""
-        return self._listener.max_connections if self._listener is not None else 0
-
-    async def _open_pool(self, app: web.Application | None = None) -> None:
-        if self._pool is None:
-            self._pool = Pool(idle_timeout=self._idle_timeout)
-
-    async def _close_pool(self, app: web.Application | None = None) -> None:
+        """Stop listening, close the client connections and the connections to the replicas."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for conn in list(self._connections):
+            conn.abort()
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close()
 
+    @property
+    def address(self) -> tuple[str, int]:
+        if self._server is None or not self._server.sockets:
+            raise GpudError("The proxy is not listening.")
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return host, port
+
+    def _accept(self) -> ClientConnection | Refused:
+        if len(self._connections) >= self.max_connections:
+            return Refused(lambda: self._unrouted.error("too_many_connections"))
+        conn = ClientConnection(self)
+        self._connections.add(conn)
+        return conn
+
+    # -- connection hooks --------------------------------------------------------------------------------
+
+    def closed(self, conn: ClientConnection) -> None:
+        self._connections.discard(conn)
+
+    def client_timed_out(self) -> None:
+        self._unrouted.error("client_timeout")
+
+    def rejected(self, status: int, kind: str) -> None:
+        """The connection answered a request it could not read (or would not read whole) itself."""
+        self._unrouted.error(kind)
+        self._unrouted.request(status)
+
+    async def handle(self, conn: ClientConnection, request: Request) -> None:
+        started = time.perf_counter()
+        method, path = request.method, request.target.partition(b"?")[0]
+        keep = request.keep_alive
+        if method in (_GET, _HEAD):
+            local = self._local(request, path)
+            if local is not None:
+                conn.write(local if method == _GET else local.partition(b"\r\n\r\n")[0] + b"\r\n\r\n")
+                conn.finish(keep)
+                return
+        if self._keys and not self._authorized(request):
+            self._refuse(conn, request, self._unauthorized())
+            return
+        name = self._model_name(request)
+        if isinstance(name, bytes):  # the request names no model: an error answer
+            self._unrouted.error("bad_request")
+            self._unrouted.request(400)
+            self._refuse(conn, request, name)
+            return
+        route = self.table.models.get(name)
+        if route is None:
+            self._unrouted.error("model_not_found")
+            self._unrouted.request(404)
+            self._refuse(conn, request, _model_not_found(name))
+            return
+        await self._forward(conn, request, route, started)
+
     # -- local routes ------------------------------------------------------------------------------------
 
-    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
-        if self._listener is not None:
-            self._listener.request_seen(request)
-        if request.method in ("GET", "HEAD"):
-            path = request.path
-            if path == "/health":
-                return await self._health(request)
-            if path == "/metrics":
-                return await self._metrics_route(request)
-            if path == "/v1/models":
-                return await self._list_models(request)
-            if path.startswith("/v1/models/") and MODEL_HEADER not in request.headers:
-                return await self._get_model(request, path[len("/v1/models/") :])
-        return await self._proxy(request)
-
-    async def _health(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
-    async def _metrics_route(self, request: web.Request) -> web.Response:
+    def _local(self, request: Request, path: bytes) -> bytes | None:
+        """The answer to a GET the proxy makes itself, or None to forward it."""
+        if path == b"/health":
+            return simple_response(200, b'{"status":"ok"}', keep_alive=request.keep_alive)
+        if path not in (b"/metrics", b"/v1/models") and not (
+                path.startswith(_MODELS_PREFIX) and request.header(MODEL_HEADER_LOWER) is None):
+            return None
         if self._keys and not self._authorized(request):
             return self._unauthorized()
-        if self._metrics is None:
-            return web.Response(status=404, text="Metrics are not enabled.\n")
-        body, content_type = self._metrics.render()
-        return web.Response(body=body, headers={"Content-Type": content_type})
+        if path == b"/metrics":
+            body, content_type = self.metrics.render(self.table, self.counters)
+            return simple_response(200, body, content_type=content_type.encode(), keep_alive=request.keep_alive)
+        if path == b"/v1/models":
+            data = [_model_object(m) for m in self.table.models.values() if m.ready]
+            return simple_response(200, json.dumps({"object": "list", "data": data}).encode(),
+                                   keep_alive=request.keep_alive)
+        name = unquote(path[len(_MODELS_PREFIX):].decode("utf-8", "replace"))
+        route = self.table.models.get(name)
+        if route is None or not route.ready:
+            return _model_not_found(name)
+        return simple_response(200, json.dumps(_model_object(route)).encode(), keep_alive=request.keep_alive)
 
-    async def _list_models(self, request: web.Request) -> web.Response:
-        if self._keys and not self._authorized(request):
-            return self._unauthorized()
-        data = [self._model_object(m.name, m.created_at) for m in self._registry if m.ready_replicas()]
-        return web.json_response({"object": "list", "data": data})
+    def _model_name(self, request: Request) -> str | bytes:
+        """The model a request is for, or the (bytes) error answer that says why there is none."""
+        header = request.header(MODEL_HEADER_LOWER)
+        if header is not None:
+            return header.decode("utf-8", "replace")
+        name, problem = model_from_body(request.body, request.header(b"content-encoding"))
+        if name is not None:
+            return name
+        code = "invalid_json" if problem.startswith("The request body is not") else "model_required"
+        return error_response(400, problem, "invalid_request_error", code)
 
-    async def _get_model(self, request: web.Request, name: str) -> web.StreamResponse:
-        if self._keys and not self._authorized(request):
-            return self._unauthorized()
-        model = self._registry.get(name)
-        if model is None or not model.ready_replicas():
-            return self._model_not_found(name)
-        return web.json_response(self._model_object(model.name, model.created_at))
-
-    @staticmethod
-    def _model_object(name: str, created: float) -> dict[str, object]:
-        return {"id": name, "object": "model", "created": int(created), "owned_by": "gpud"}
-
-    # -- auth --------------------------------------------------------------------------------------------
-
-    def _authorized(self, request: web.Request) -> bool:
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        given = token.strip().encode("utf-8", "replace") if scheme.lower() == "bearer" else b""
+    def _authorized(self, request: Request) -> bool:
+        scheme, _, token = (request.header(b"authorization") or b"").partition(b" ")
+        given = token.strip() if scheme.lower() == b"bearer" else b""
         ok = False
         for key in self._keys:  # every key is compared, so timing does not tell which one almost matched
             ok |= hmac.compare_digest(given, key)
         return ok
 
-    def _unauthorized(self) -> web.Response:
-        if self._metrics is not None:
-            self._metrics.series("").error("unauthorized")
-        return error_response(
-            401,
-            "Missing or invalid API key: send Authorization: Bearer KEY.",
-            "invalid_request_error",
-            "invalid_api_key",
-            {"WWW-Authenticate": "Bearer"},
-        )
+    def _unauthorized(self) -> bytes:
+        self._unrouted.error("unauthorized")
+        return error_response(401, "Missing or invalid API key: send Authorization: Bearer KEY.",
+                              "invalid_request_error", "invalid_api_key", ((b"WWW-Authenticate", b"Bearer"),))
 
-    def _model_not_found(self, name: str) -> web.Response:
-        shown = name if len(name) <= 200 else name[:200] + "…"
-        return error_response(
-            404,
-            f"The model '{shown}' does not exist or is not running on this gpud.",
-            "invalid_request_error",
-            "model_not_found",
-        )
+    @staticmethod
+    def _refuse(conn: ClientConnection, request: Request, answer: bytes) -> None:
+        conn.write(answer)
+        conn.finish(request.keep_alive)
 
-    # -- proxying ----------------------------------------------------------------------------------------
+    # -- forwarding --------------------------------------------------------------------------------------
 
-    async def _proxy(self, request: web.Request) -> web.StreamResponse:
-        started = time.perf_counter()
-        if self._keys and not self._authorized(request):
-            return self._unauthorized()
-        metrics = self._metrics
-        unrouted = metrics.series("") if metrics is not None else self._null_series
-        transport = request.transport
-        if transport is None:  # the client is already gone
-            return error_response(400, "The client closed the connection.", "invalid_request_error", "client_closed")
-        stall = Stall(asyncio.get_running_loop(), transport, self._client_timeout)
-        try:
-            try:
-                body = await self._read_body(request, stall)
-            except _TooLarge:
-                unrouted.error("too_large")
-                unrouted.request(413)
-                return error_response(
-                    413,
-                    f"The request body is larger than the proxy's limit of {self._max_body} bytes.",
-                    "invalid_request_error",
-                    "request_too_large",
-                )
-            except (web.RequestPayloadError, ConnectionResetError):
-                # A malformed body (bad chunked encoding, short of its Content-Length) or a client that left
-                # mid-body: nothing to forward. A 400, never a 500 (aiohttp would log one as a server error).
-                unrouted.error("bad_request")
-                unrouted.request(400)
-                return error_response(
-                    400, "The request body could not be read.", "invalid_request_error", "invalid_body"
-                )
-
-            name = request.headers.get(MODEL_HEADER)
-            if name is None:
-                name, problem = model_from_body(body, request.headers.get("Content-Encoding", "identity"))
-                if name is None:
-                    unrouted.error("bad_request")
-                    unrouted.request(400)
-                    return error_response(
-                        400,
-                        problem,
-                        "invalid_request_error",
-                        "invalid_json" if problem.startswith("The request body is not") else "model_required",
-                    )
-            model = self._registry.get(name)
-            if model is None:
-                unrouted.error("model_not_found")
-                unrouted.request(404)
-                return self._model_not_found(name)
-            return await self._forward(request, model, body, started, stall)
-        finally:
-            stall.cancel()
-            if stall.fired:
-                unrouted.error("client_timeout")
-
-    async def _read_body(self, request: web.Request, stall: Stall) -> bytes:
-        """The whole request body, within max_body; the stall watchdog cuts a client that stops sending."""
-        length = request.content_length
-        if length is not None and length > self._max_body:
-            raise _TooLarge
-        if not request.body_exists:
-            return b""
-        content = request.content
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            stall.waiting()
-            chunk = await content.readany()
-            if not chunk:
-                break
-            size += len(chunk)
-            if size > self._max_body:  # no Content-Length (chunked): the limit applies while reading
-                raise _TooLarge
-            chunks.append(chunk)
-        stall.done()
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-    async def _forward(
-        self, request: web.Request, model: Model, body: bytes, started: float, stall: Stall
-    ) -> web.StreamResponse:
+    async def _forward(self, conn: ClientConnection, request: Request, route: ModelRoute, started: float) -> None:
         """Send the request to the best ready replica; retry others while no byte went to the client."""
-        metrics = self._metrics
         pool = self._pool
-        assert pool is not None, "the proxy's app was not started"
-        # The head is built once; only the Host line differs between attempts.
-        start_line = f"{request.method} {request.rel_url.raw_path_qs} HTTP/1.1\r\nHost: 127.0.0.1:".encode(
-            "utf-8", "surrogateescape"
-        )
-        rest = upstream_head_tail(
-            request.raw_headers,
-            request.headers.getall("Connection", ()),
-            method=request.method,
-            remote=request.remote,
-            scheme=request.scheme,
-            body=body,
-            drop_authorization=bool(self._keys),
-        )
-        head_only = request.method == "HEAD"
+        assert pool is not None, "the proxy was not started"
+        counters = self.counters
+        demand = request.method == _POST  # SPEC §12: only POSTs keep a model awake
+        start, rest = upstream_head(request.method, request.target, 0, request.headers, remote=conn.remote,
+                                    body_length=len(request.body), drop_authorization=bool(self._keys))
+        head_only = request.method == _HEAD
+        decode = not request.http11  # an HTTP/1.0 client cannot take a chunked body
         excluded: set[int] = set()
         failures: list[str] = []
         while True:
-            replica = choose(model, excluded)
+            replica, cursor = choose(route.ready, counters.inflight, counters.cursor(route.slot), excluded)
             if replica is None:
-                return self._no_replica(model.name, failures, metrics)
-            series = metrics.series(model.name, replica.index) if metrics is not None else self._null_series
-            replica.inflight += 1
+                self._no_replica(conn, request, route.name, failures)
+                return
+            counters.set_cursor(route.slot, cursor)
+            series = self.metrics.series(route.name, replica.index)
+            counters.started(replica.slot)
+            if demand:
+                counters.requested(route.slot, time.time())
             try:
                 try:
-                    head = b"%s%d\r\n%s" % (start_line, replica.port, rest)
-                    upstream = await pool.request(replica.port, head, body, head_only=head_only)
-                    # Small answers are read whole, streams up to their first chunk, before anything is sent
-                    # to the client: a replica that fails until then costs the client nothing.
-                    length = upstream.content_length
-                    whole = length is not None and length <= _BUFFER_LIMIT and not head_only
-                    try:
-                        first = await (upstream.read_all() if whole else upstream.read())
-                    except BaseException:
-                        upstream.close()
-                        raise
+                    upstream, head = await pool.request(replica.port, b"%s%d%s" % (start, replica.port, rest),
+                                                        request.body, head_only=head_only, decode=decode)
                 except ConnectFailed as exc:
                     # Nothing reached the replica: it is down or not listening. Take it out and try another.
                     series.error("connect")
                     failures.append(f"replica {replica.index}: {exc}")
                     excluded.add(replica.index)
-                    log.warning(
-                        "Model %s replica %d: %s Trying another replica.", model.name, replica.index, exc
-                    )
-                    self._on_connect_failure(replica)
+                    log.warning("Model %s replica %d: %s Trying another replica.", route.name, replica.index, exc)
+                    self.link.connect_failed(route.name, replica.index)
                     continue
                 except (NoResponse, ResponseCut) as exc:
-                    # The connection broke before the client got anything (e.g. the replica died with the
-                    # request in flight): retry elsewhere. Not reported as a connect failure: the next
-                    # connection attempt tells whether the replica is really gone.
+                    # The connection broke before the client got anything (the replica died with the request in
+                    # flight): retry elsewhere. Not reported: the next connection attempt tells whether it is gone.
                     series.error("connect")
                     failures.append(f"replica {replica.index}: {exc}")
                     excluded.add(replica.index)
                     continue
                 except UpstreamTimeout:
-                    # The replica accepted the request but sent nothing for idle_timeout_sec: it may still be
-                    # working on it, so a retry elsewhere could run it twice.
+                    # It accepted the request but sent nothing: it may still be working on it, so a retry
+                    # elsewhere could run it twice.
                     series.error("timeout")
                     series.request(504, time.perf_counter() - started)
-                    return error_response(
-                        504,
-                        f"Replica {replica.index} of model '{model.name}' sent no response "
-                        "before the proxy's idle timeout.",
-                        "server_error",
-                        "upstream_timeout",
-                    )
+                    self._refuse(conn, request, error_response(
+                        504, f"Replica {replica.index} of model '{route.name}' sent no response before the proxy's "
+                        "idle timeout.", "server_error", "upstream_timeout"))
+                    return
                 except BrokenResponse as exc:
                     series.error("upstream")
                     series.request(502, time.perf_counter() - started)
-                    return error_response(
-                        502,
-                        f"Replica {replica.index} of model '{model.name}' sent an invalid response: {exc}",
-                        "server_error",
-                        "upstream_error",
-                    )
-                return await relay(request, upstream, first, whole, replica, series, started, stall)
+                    self._refuse(conn, request, error_response(
+                        502, f"Replica {replica.index} of model '{route.name}' sent an invalid response: {exc}",
+                        "server_error", "upstream_error"))
+                    return
+                await self._relay(conn, request, upstream, head, replica.index, route.name, series, started, decode)
+                return
             except asyncio.CancelledError:
                 series.error("client_disconnect")
                 raise
             finally:
-                replica.inflight -= 1
+                counters.finished(replica.slot)
+                if demand:
+                    counters.requested(route.slot, time.time())
 
-    def _no_replica(self, name: str, failures: list[str], metrics: Metrics | None) -> web.Response:
-        series = metrics.series(name) if metrics is not None else self._null_series
+    async def _relay(self, conn: ClientConnection, request: Request, upstream: UpstreamConnection,
+                     head: ResponseHead, index: int, model: str, series: Series, started: float,
+                     decode: bool) -> None:
+        """The replica's answer to the client: the head and the first bytes at once, the rest as it arrives."""
+        client, keep = client_head(head.status, head.reason, head.headers, index, head.framing, head.content_length,
+                                   decoded=decode, keep_alive=request.keep_alive)
+        first = upstream.first
+        if upstream.complete:  # the usual small JSON answer: one write
+            conn.write(client + first)
+            upstream.release()
+            series.request(head.status, time.perf_counter() - started)
+            conn.finish(keep)
+            return
+        conn.write(client + first if first else client)
+        if first:
+            series.ttfb.observe(time.perf_counter() - started)
+        upstream.last = first
+        conn.upstream = upstream
+        try:
+            await upstream.relay(conn)
+        except (BrokenResponse, UpstreamTimeout) as exc:
+            series.error("timeout" if isinstance(exc, UpstreamTimeout) else "upstream")
+            series.request(head.status, time.perf_counter() - started)
+            log.warning("Model %s replica %d broke off a streamed response: %s", model, index, exc)
+            self._cut(conn, upstream, head.headers, index, model, decode)
+            return
+        except BaseException:
+            upstream.abort()  # the client went away: the replica sees the connection close and stops
+            raise
+        if decode:
+            conn.finish(False)  # the body's end is the connection's close
+        else:
+            conn.finish(keep)
+        upstream.release()
+        series.request(head.status, time.perf_counter() - started)
+
+    def _cut(self, conn: ClientConnection, upstream: UpstreamConnection, headers: Sequence[tuple[bytes, bytes]],
+             index: int, model: str, decode: bool) -> None:
+        """End a response whose replica failed after bytes went out: the client must see an error, not a clean
+        end. An SSE stream cut between two events first gets an OpenAI-style error event (what OpenAI's SDKs
+        raise as an APIError); then the connection is closed without the closing chunk."""
+        content_type = next((v for n, v in headers if n.lower() == b"content-type"), b"")
+        last = upstream.last
+        between = not upstream.in_chunk and last.endswith(b"\n\n" if decode else b"\n\n\r\n")
+        if content_type.startswith(b"text/event-stream") and between:
+            event = sse_error_event(f"Replica {index} of model '{model}' broke off its response.")
+            conn.write(event if decode else b"%x\r\n%s\r\n" % (len(event), event))
+        upstream.abort()
+        conn.finish(False)
+
+    def _no_replica(self, conn: ClientConnection, request: Request, name: str, failures: list[str]) -> None:
+        series = self.metrics.series(name)
         if failures:
             series.request(502)
-            return error_response(
-                502,
-                f"No replica of model '{name}' could be reached ({'; '.join(failures)}).",
-                "server_error",
-                "upstream_unavailable",
-            )
-        series.error("no_ready_replica")
-        series.request(503)
-        return error_response(
-            503,
-            f"Model '{name}' has no ready replica right now; retry shortly.",
-            "server_error",
-            "no_ready_replica",
-            {"Retry-After": "1"},
-        )
+            answer = error_response(502, f"No replica of model '{name}' could be reached ({'; '.join(failures)}).",
+                                    "server_error", "upstream_unavailable")
+        else:
+            series.error("no_ready_replica")
+            series.request(503)
+            answer = error_response(503, f"Model '{name}' has no ready replica right now; retry shortly.",
+                                    "server_error", "no_ready_replica", ((b"Retry-After", b"1"),))
+        self._refuse(conn, request, answer)
 
 
-class _TooLarge(Exception):
-    """The request body is over max_body."""
+def bind_error(host: str, port: int, exc: OSError) -> GpudError:
+    if exc.errno == errno.EADDRINUSE:
+        return GpudError(f"Cannot listen on {host}:{port} for the proxy: the address is already in use "
+                         "(another gpud or server?); choose another with --listen.")
+    return GpudError(f"Cannot listen on {host}:{port} for the proxy: {exc.strerror or exc}.")
+
+
+def _model_object(route: ModelRoute) -> dict[str, object]:
+    return {"id": route.name, "object": "model", "created": int(route.created), "owned_by": "gpud"}
+
+
+def _model_not_found(name: str) -> bytes:
+    shown = name if len(name) <= 200 else name[:200] + "…"
+    return error_response(404, f"The model '{shown}' does not exist or is not running on this gpud.",
+                          "invalid_request_error", "model_not_found")

@@ -1,15 +1,24 @@
-"""A small HTTP/1.1 client for the proxy's last hop: gpud → a replica listening on 127.0.0.1.
+"""The proxy's last hop: keep-alive HTTP/1.1 connections to replicas on 127.0.0.1, with bodies relayed as bytes.
 
-Why not aiohttp's ClientSession: profiling the proxy under wrk put about 40 % of its CPU in the generic
-client (request objects, automatic headers, payload registry, cookie and tracing hooks). This hop is narrow —
-plain HTTP to loopback ports of servers gpud started itself — so a client that writes one request head and
-parses one response head per request does the same job for a fraction of the cost.
+Why not a general HTTP client: this hop is narrow (plain HTTP to loopback ports of servers gpud started
+itself), and it is the hot path. A request goes out as one write (head and body); the response head is
+parsed here from bytes (only the fields that decide framing are looked at); the body is not decoded: the
+bytes that arrive are handed on as they are (a chunked stream stays chunked: gpud.proxy.chunked only walks
+its framing to find where it ends), so a streamed token costs one write per read, not a decode and an encode.
+Nothing past the end of a body is ever handed on.
 
-Scope: HTTP/1.1 keep-alive with a LIFO pool per port (idle connections are dropped after `keepalive_sec`,
-below uvicorn's 5 s, so a connection the replica is about to close is not reused); request bodies given
-whole (the proxy has buffered them); responses framed by Content-Length, chunked encoding or connection
-close; bodies delivered as they arrive, with flow control (reading pauses while more than HIGH_WATER bytes
-wait for the consumer) and an idle timeout on every wait for the replica.
+One exchange at a time per connection:
+
+    conn.send(head, body, head_only=…, decode=…)
+    head = await conn.response()   # the head, once the first body bytes (or the end) arrived too
+    conn.first                     # those first bytes, held back: nothing has gone to the client yet
+    await conn.relay(sink)         # the rest goes to sink.write(data) as it arrives; done at the end
+    conn.release()                 # back to the pool if the body ended cleanly, else closed
+
+Holding the first bytes back lets the proxy retry a replica that dies before its first token. Flow control:
+the sink pauses and resumes the connection's reading (`pause_reading`/`resume_reading`), so a slow client
+slows the replica down and nothing piles up in between. `decode=True` (for an HTTP/1.0 client, which cannot
+take chunked encoding) hands on the decoded data instead.
 
 Errors tell the proxy what it may do next:
 
@@ -24,22 +33,28 @@ Errors tell the proxy what it may do next:
 from __future__ import annotations
 
 import asyncio
-import collections
-import re
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
-HIGH_WATER = 256 * 1024
-LOW_WATER = 64 * 1024
+from gpud.proxy.chunked import ChunkScanner, Malformed
+
 MAX_HEAD = 64 * 1024
-KEEPALIVE_SEC = 4.0
+# A response with a Content-Length up to this size is read whole before anything reaches the client: one
+# write, and a replica that dies in the middle of it costs the client nothing (it is retried elsewhere).
+WHOLE_LIMIT = 256 * 1024
+KEEPALIVE_SEC = 4.0  # below uvicorn's 5 s: a connection the replica is about to close is not reused
 _SMALL_WRITE = 64 * 1024
-_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
-# Exchange states of a connection.
-_IDLE, _HEAD, _BODY = 0, 1, 2
-# Body framings.
-_NONE, _LENGTH, _CHUNKED, _UNTIL_CLOSE = 0, 1, 2, 3
-# Chunked-decoder states.
-_SIZE, _DATA, _DATA_END, _TRAILER = 0, 1, 2, 3
+
+class Framing(enum.Enum):
+    """How the response body ends."""
+
+    NONE = 0  # no body (HEAD, 204, 304)
+    LENGTH = 1  # Content-Length
+    CHUNKED = 2  # Transfer-Encoding: chunked
+    CLOSE = 3  # until the connection closes
 
 
 class UpstreamError(Exception):
@@ -66,83 +81,76 @@ class ResponseCut(BrokenResponse):
     pass
 
 
-class Response:
-    """A response head, and the body as it arrives. Call `release()` or `close()` when done with it."""
+class Sink(Protocol):
+    """Where a relayed body goes (the client connection)."""
 
-    __slots__ = ("status", "reason", "headers", "content_length", "_conn")
-
-    def __init__(
-        self,
-        conn: Connection,
-        status: int,
-        reason: str,
-        headers: list[tuple[str, str]],
-        content_length: int | None,
-    ) -> None:
-        self.status = status
-        self.reason = reason
-        self.headers = headers  # as sent, in order, duplicates kept
-        self.content_length = content_length
-        self._conn = conn
-
-    async def read(self) -> bytes:
-        """Everything received since the last call (waiting for something), b"" at the end of the body."""
-        return await self._conn.read_body()
-
-    async def read_all(self) -> bytes:
-        parts = []
-        while chunk := await self.read():
-            parts.append(chunk)
-        return b"".join(parts)
-
-    def release(self) -> None:
-        """Back to the pool when the body was read to its end on a keep-alive connection, else closed."""
-        self._conn.finish()
-
-    def close(self) -> None:
-        """Drop the connection now (the replica sees it close and can stop working on the request)."""
-        self._conn.abort()
+    def write(self, data: bytes) -> None: ...
 
 
-class Connection(asyncio.Protocol):
+@dataclass(frozen=True)
+class ResponseHead:
+    status: int
+    reason: bytes
+    headers: list[tuple[bytes, bytes]]  # as sent, in order, duplicates kept
+    framing: Framing
+    content_length: int | None
+
+
+# Exchange states of a connection.
+_IDLE, _HEAD, _BODY, _DONE = 0, 1, 2, 3
+
+
+class UpstreamConnection(asyncio.Protocol):
     """One keep-alive connection to a replica, carrying one exchange at a time."""
 
     def __init__(self, pool: Pool, port: int) -> None:
-        self._pool = pool
-        self._loop = pool.loop
+        self.pool = pool
         self.port = port
-        self._transport: asyncio.Transport | None = None
+        self._loop = pool.loop
+        self.transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = 0.0
+        self.first = b""  # body bytes received before relay() (held back from the client)
+        self.last = b""  # the last bytes handed to the sink (the cut rule looks at how they end)
+        self._reset()
+
+    def _reset(self) -> None:
         self._state = _IDLE
-        self._waiter: asyncio.Future[None] | None = None
-        self._error: UpstreamError | None = None
-        self._response: Response | None = None
-        self._head = bytearray()
-        self._got_bytes = False
+        self._head_buf = bytearray()
+        self._head: ResponseHead | None = None
         self._head_only = False
+        self._decode = False
+        self._scanner: ChunkScanner | None = None
+        self._remaining = 0  # of a Content-Length body
         self._keep_alive = True
-        self._framing = _NONE
-        self._remaining = 0
-        self._chunk_state = _SIZE
-        self._line = bytearray()
-        self._chunks: collections.deque[bytes] = collections.deque()
-        self._buffered = 0
-        self._paused = False
         self._complete = False
+        self._error: UpstreamError | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._sink: Sink | None = None
+        self._held: list[bytes] = []
+        self._activity = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self.first = b""
+        self.last = b""
+
+    @property
+    def in_chunk(self) -> bool:
+        """The body relayed so far ends inside a chunk (an SSE error event may only go between chunks)."""
+        return self._scanner is not None and not self._scanner.between_chunks
 
     # -- asyncio.Protocol ------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]
-        self._pool.track(self)
+        self.transport = transport  # type: ignore[assignment]
+        self.pool.track(self)
 
     def data_received(self, data: bytes) -> None:
-        if self._state == _BODY:
-            self._feed(data)
-        elif self._state == _HEAD:
-            self._got_bytes = True
-            self._head += data
+        self._activity = self._loop.time()
+        state = self._state
+        if state == _BODY:
+            self._feed_body(data)
+        elif state == _HEAD:
+            self._head_buf += data
             self._parse_head()
         else:  # bytes nobody asked for: this connection's framing cannot be trusted any more
             self.abort()
@@ -152,114 +160,112 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self._pool.forget(self)
+        self.pool.forget(self)
+        why = f" ({exc})" if exc else ""
         if self._state == _HEAD:
-            why = f" ({exc})" if exc else ""
-            if self._got_bytes:
-                self._fail(
-                    ResponseCut(
-                        f"The replica on port {self.port} closed the connection in the middle "
-                        f"of the response head{why}."
-                    )
-                )
+            if self._head_buf:
+                self._fail(ResponseCut(f"The replica on port {self.port} closed the connection in the middle "
+                                       f"of the response head{why}."))
             else:
-                self._fail(
-                    NoResponse(
-                        f"The replica on port {self.port} closed the connection before answering{why}."
-                    )
-                )
+                self._fail(NoResponse(f"The replica on port {self.port} closed the connection before "
+                                      f"answering{why}."))
         elif self._state == _BODY and not self._complete:
-            if self._framing == _UNTIL_CLOSE and exc is None:  # a clean close is this body's end
+            assert self._head is not None
+            if self._head.framing is Framing.CLOSE and exc is None:  # a clean close is this body's end
                 self._keep_alive = False
                 self._body_complete()
             else:
-                self._fail(
-                    ResponseCut(
-                        f"The replica on port {self.port} closed the connection before the "
-                        "end of the response body."
-                    )
-                )
+                self._fail(ResponseCut(f"The replica on port {self.port} closed the connection before the end "
+                                       "of the response body."))
+        self._stop_timer()
 
     # -- one exchange ----------------------------------------------------------------------------------
 
-    def send(self, head: bytes, body: bytes | None, head_only: bool) -> None:
+    def send(self, head: bytes, body: bytes, *, head_only: bool = False, decode: bool = False) -> None:
+        """Start an exchange: `head` is the complete request head (blank line included)."""
+        self._reset()
         self._state = _HEAD
         self._head_only = head_only
-        transport = self._transport
+        self._decode = decode
+        self._activity = self._loop.time()
+        self._arm_timer()
+        transport = self.transport
         assert transport is not None
-        if not body:
-            transport.write(head)
-        elif len(body) <= _SMALL_WRITE:
-            transport.write(head + body)  # one segment for the usual small JSON request
+        if body and len(body) > _SMALL_WRITE:
+            transport.writelines((head, body))
         else:
-            transport.write(head)
-            transport.write(body)
+            transport.write(head + body if body else head)  # one segment for the usual small JSON request
 
-    async def read_head(self) -> Response:
-        while self._response is None:
-            if self._error is not None:
-                raise self._error
-            await self._wait()
-        return self._response
-
-    async def read_body(self) -> bytes:
+    async def response(self) -> ResponseHead:
+        """The response head, once the first body bytes (a small body: all of it) or its end arrived too."""
         while True:
-            chunks = self._chunks
-            if chunks:
-                data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
-                chunks.clear()
-                self._buffered = 0
-                if self._paused and self._transport is not None:
-                    self._paused = False
-                    self._transport.resume_reading()
-                return data
+            head = self._head
+            if head is not None and (self._complete or self._held and not (
+                    head.framing is Framing.LENGTH and (head.content_length or 0) <= WHOLE_LIMIT)):
+                break
             if self._error is not None:
                 raise self._error
-            if self._complete:
-                return b""
             await self._wait()
+        if self._error is not None and not self._held:
+            raise self._error
+        self.first = b"".join(self._held) if len(self._held) != 1 else self._held[0]
+        self._held = []
+        return head
 
-    def finish(self) -> None:
-        # Pooled only when the whole body was consumed: unread bytes would become the start of the next
-        # client's response (a slow client that leaves after the replica finished leaves them behind).
-        if self._chunks or not (self._complete and self._keep_alive and self._error is None and not self.closed):
+    @property
+    def complete(self) -> bool:
+        return self._complete
+
+    async def relay(self, sink: Sink) -> None:
+        """Hand the rest of the body to `sink` as it arrives; returns at its end, raises if it breaks off."""
+        self._sink = sink
+        held, self._held = self._held, []
+        for data in held:  # arrived between response() and now
+            self._push(data)
+        while not self._complete:
+            if self._error is not None:
+                raise self._error
+            await self._wait()
+        if self._error is not None:
+            raise self._error
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+            self._activity = self._loop.time()  # the replica's silence while we held it back is not its fault
+
+    def release(self) -> None:
+        """Back to the pool when the body ended on a keep-alive connection, else closed."""
+        self._stop_timer()
+        if not (self._complete and self._keep_alive and self._error is None and not self.closed
+                and not self._held):
             self.abort()
             return
         self._state = _IDLE
-        self._response = None
-        self._head_only = False
-        self._remaining = 0
-        self._got_bytes = False
-        self._complete = False
-        self._framing = _NONE
-        self._chunk_state = _SIZE
+        self._sink = None
         self.idle_since = self._loop.time()
-        self._pool.release(self)
+        self.pool.release(self)
 
     def abort(self) -> None:
-        if self._transport is not None and not self.closed:
-            self._transport.abort()
+        """Drop the connection now (the replica sees it close and can stop working on the request)."""
+        self._stop_timer()
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
         self.closed = True
         self._keep_alive = False
 
-    # -- waiting ---------------------------------------------------------------------------------------
+    # -- waiting and the idle timeout ------------------------------------------------------------------
 
     async def _wait(self) -> None:
         waiter = self._waiter = self._loop.create_future()
-        timer = self._loop.call_later(self._pool.idle_timeout, self._time_out, waiter)
         try:
             await waiter
         finally:
-            timer.cancel()
             self._waiter = None
-
-    def _time_out(self, waiter: asyncio.Future[None]) -> None:
-        if not waiter.done():
-            waiter.set_exception(
-                UpstreamTimeout(
-                    f"The replica on port {self.port} sent nothing for {self._pool.idle_timeout:g} s."
-                )
-            )
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -272,185 +278,188 @@ class Connection(asyncio.Protocol):
         self._keep_alive = False
         self._wake()
 
+    def _arm_timer(self) -> None:
+        # One timer per exchange, re-armed only when it fires early: a streamed token costs a timestamp.
+        self._timer = self._loop.call_at(self._activity + self.pool.idle_timeout, self._check_idle)
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check_idle(self) -> None:
+        self._timer = None
+        if self._state not in (_HEAD, _BODY) or self._complete:
+            return
+        if self.transport is not None and not self.transport.is_reading():
+            self._activity = self._loop.time()  # paused for a slow client: not the replica's silence
+        deadline = self._activity + self.pool.idle_timeout
+        if self._loop.time() < deadline:
+            self._timer = self._loop.call_at(deadline, self._check_idle)
+            return
+        self._fail(UpstreamTimeout(f"The replica on port {self.port} sent nothing for "
+                                   f"{self.pool.idle_timeout:g} s."))
+        self.abort()
+
     # -- parsing ---------------------------------------------------------------------------------------
 
     def _parse_head(self) -> None:
+        buf = self._head_buf
         while True:
-            end = self._head.find(b"\r\n\r\n")
+            end = buf.find(b"\r\n\r\n")
             if end < 0:
-                if len(self._head) > MAX_HEAD:
+                if len(buf) > MAX_HEAD:
                     self._broken("a response head over 64 KiB")
                 return
-            raw = bytes(self._head[:end])
-            rest = bytes(self._head[end + 4 :])
-            self._head.clear()
-            try:
-                version, status, reason, headers = _parse_head(raw)
-            except ValueError:
-                self._broken("a malformed response head")
-                return
-            if 100 <= status < 200 and status != 101:  # interim answer (e.g. 103): the real one follows
-                self._head += rest
+            # An interim answer (100 Continue, 103 Early Hints) precedes the real one: skip it.
+            if buf[9:10] == b"1" and buf[9:12] != b"101":
+                del buf[: end + 4]
                 continue
             break
-        length: int | None = None
-        te = conn = ""
-        lengths = set()
-        for name, value in headers:
-            lower = name.lower()
-            if lower == "content-length":
-                lengths.add(value)
-            elif lower == "transfer-encoding":
-                te = f"{te},{value}" if te else value
-            elif lower == "connection":
-                conn = f"{conn},{value}" if conn else value
-        # isascii(): str.isdigit() also accepts digits such as "²" that int() refuses.
-        if len(lengths) > 1 or any(not (v.isascii() and v.isdigit()) for v in lengths):
-            self._broken("an invalid Content-Length")
+        raw = bytes(buf[: end + 4])
+        rest = bytes(buf[end + 4 :])
+        self._head_buf = bytearray()
+        try:
+            head, keep_alive = _parse_response_head(raw, self._head_only)
+        except ValueError as exc:
+            self._broken(f"a malformed response head ({exc})")
             return
-        if lengths:
-            length = int(next(iter(lengths)))
-        self._keep_alive = version == "HTTP/1.1" and "close" not in conn.lower()
-        if self._head_only or status in (204, 304):
-            self._framing = _NONE
-        elif status == 101:  # a protocol switch cannot go through this client
-            self._broken("an attempt to switch protocols")
-            return
-        elif te:
-            length = None
-            if te.rsplit(",", 1)[-1].strip().lower() == "chunked":
-                self._framing = _CHUNKED
-            else:
-                self._framing = _UNTIL_CLOSE
-                self._keep_alive = False
-        elif length is not None:
-            self._framing = _LENGTH
-            self._remaining = length
-        else:
-            self._framing = _UNTIL_CLOSE
-            self._keep_alive = False
+        self._head = head
+        self._keep_alive = keep_alive
         self._state = _BODY
-        self._response = Response(self, status, reason, headers, length)
-        if self._framing == _NONE or (self._framing == _LENGTH and length == 0):
+        if head.framing is Framing.NONE or (head.framing is Framing.LENGTH and head.content_length == 0):
             self._body_complete()
-        self._wake()
+        elif head.framing is Framing.LENGTH:
+            self._remaining = head.content_length or 0
+        elif head.framing is Framing.CHUNKED:
+            self._scanner = ChunkScanner(decode=self._decode)
         if rest:
-            self._feed(rest)
+            self._feed_body(rest)
+        else:
+            self._wake()
+
+    def _feed_body(self, data: bytes) -> None:
+        if self._complete:
+            self.abort()  # bytes after the end of the response: do not reuse this connection
+            return
+        scanner = self._scanner
+        if scanner is not None:
+            try:
+                used = scanner.feed(data)
+            except Malformed as exc:
+                self._broken(f"a malformed chunked body ({exc})")
+                return
+            if used < len(data):
+                self._keep_alive = False  # bytes past the end: the connection's framing is not to be trusted
+            if scanner.decoded is not None:
+                if scanner.decoded:
+                    self._push(b"".join(scanner.decoded))
+                    scanner.decoded.clear()
+            else:
+                self._push(data if used == len(data) else data[:used])
+            if scanner.done:
+                self._body_complete()
+            return
+        assert self._head is not None
+        if self._head.framing is Framing.LENGTH:
+            remaining = self._remaining
+            if len(data) < remaining:
+                self._remaining = remaining - len(data)
+                self._push(data)
+                return
+            if len(data) > remaining:
+                self._keep_alive = False
+                data = data[:remaining]
+            self._remaining = 0
+            self._push(data)
+            self._body_complete()
+            return
+        self._push(data)  # framed by the connection's close
+
+    def _push(self, data: bytes) -> None:
+        sink = self._sink
+        if sink is not None:
+            sink.write(data)
+            self.last = data
+        else:
+            self._held.append(data)
+            self._wake()
 
     def _broken(self, what: str) -> None:
         self._fail(BrokenResponse(f"The replica on port {self.port} sent {what}."))
         self.abort()
 
-    def _feed(self, data: bytes) -> None:
-        framing = self._framing
-        if self._complete:
-            self.abort()  # bytes after the end of the response: do not reuse this connection
-        elif framing == _LENGTH:
-            remaining = self._remaining
-            if len(data) < remaining:
-                self._remaining = remaining - len(data)
-                self._push(data)
-            else:
-                self._remaining = 0
-                self._push(data if len(data) == remaining else data[:remaining])
-                self._body_complete()
-                if len(data) > remaining:
-                    self.abort()
-        elif framing == _CHUNKED:
-            self._feed_chunked(data)
-        else:
-            self._push(data)
-
-    def _feed_chunked(self, data: bytes) -> None:
-        pos, end = 0, len(data)
-        while pos < end:
-            if self._chunk_state == _DATA:
-                take = min(self._remaining, end - pos)
-                self._push(data if pos == 0 and take == end else data[pos : pos + take])
-                pos += take
-                self._remaining -= take
-                if self._remaining == 0:
-                    self._chunk_state = _DATA_END
-                continue
-            eol = data.find(b"\n", pos)
-            if eol < 0:
-                self._line += data[pos:]
-                if len(self._line) > 8192:
-                    self._broken("a chunk-size line over 8 KiB")
-                return
-            if self._line:
-                line = bytes(self._line + data[pos:eol])
-                self._line.clear()
-            else:
-                line = data[pos:eol]
-            pos = eol + 1
-            line = line.rstrip(b"\r")
-            state = self._chunk_state
-            if state == _SIZE:
-                size = line.split(b";", 1)[0].strip()
-                if not _HEX.fullmatch(size):
-                    self._broken("an invalid chunk size")
-                    return
-                self._remaining = int(size, 16)
-                self._chunk_state = _DATA if self._remaining else _TRAILER
-            elif state == _DATA_END:
-                if line:
-                    self._broken("a chunk without its closing CRLF")
-                    return
-                self._chunk_state = _SIZE
-            elif not line:  # _TRAILER: an empty line ends the body (trailer fields are dropped)
-                self._body_complete()
-                if pos < end:
-                    self.abort()
-                return
-
-    def _push(self, data: bytes) -> None:
-        if not data:
-            return
-        self._chunks.append(data)
-        self._buffered += len(data)
-        if self._buffered > HIGH_WATER and not self._paused and self._transport is not None:
-            self._paused = True
-            self._transport.pause_reading()
-        self._wake()
-
     def _body_complete(self) -> None:
         self._complete = True
+        self._state = _DONE
+        self._stop_timer()
         self._wake()
 
 
-def _parse_head(raw: bytes) -> tuple[str, int, str, list[tuple[str, str]]]:
-    lines = raw.split(b"\r\n")
+def _parse_response_head(raw: bytes, head_only: bool) -> tuple[ResponseHead, bool]:
+    """Status, headers and framing of a response head (bytes up to and including the blank line)."""
+    lines = raw[:-4].split(b"\r\n")
     version, _, rest = lines[0].partition(b" ")
     code, _, reason = rest.partition(b" ")
     if version not in (b"HTTP/1.1", b"HTTP/1.0") or len(code) != 3 or not code.isdigit():
         raise ValueError("status line")
-    headers = []
+    status = int(code)
+    headers: list[tuple[bytes, bytes]] = []
+    lengths: set[bytes] = set()
+    chunked = other_coding = close = False
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
         if not sep or not name or name[-1:] in b" \t" or line[:1] in b" \t":
             raise ValueError("header line")
-        headers.append((name.decode("latin-1"), value.strip(b" \t").decode("utf-8", "replace")))
-    return version.decode(), int(code), reason.decode("latin-1"), headers
+        value = value.strip(b" \t")
+        headers.append((name, value))
+        lower = name.lower()
+        if lower == b"content-length":
+            lengths.add(value)
+        elif lower == b"transfer-encoding":
+            codings = [c.strip().lower() for c in value.split(b",")]
+            chunked = codings[-1:] == [b"chunked"]
+            other_coding = not chunked
+        elif lower == b"connection":
+            close = close or b"close" in value.lower()
+    keep_alive = version == b"HTTP/1.1" and not close
+    length: int | None = None
+    if len(lengths) > 1 or any(not v.isdigit() for v in lengths):
+        raise ValueError("Content-Length")
+    if lengths:
+        length = int(next(iter(lengths)))
+    if status == 101:
+        raise ValueError("an attempt to switch protocols")
+    if head_only or status in (204, 304):
+        framing = Framing.NONE
+    elif chunked:
+        framing, length = Framing.CHUNKED, None
+    elif other_coding:
+        framing, length, keep_alive = Framing.CLOSE, None, False
+    elif length is not None:
+        framing = Framing.LENGTH
+    else:
+        framing, keep_alive = Framing.CLOSE, False
+    return ResponseHead(status, reason, headers, framing, length), keep_alive
 
 
 class Pool:
     """Keep-alive connections to replica ports on 127.0.0.1, reused most-recently-released first."""
 
-    def __init__(
-        self, *, idle_timeout: float, connect_timeout: float = 10.0, keepalive_sec: float = KEEPALIVE_SEC
-    ) -> None:
+    def __init__(self, *, idle_timeout: float, connect_timeout: float = 10.0,
+                 keepalive_sec: float = KEEPALIVE_SEC) -> None:
         self.loop = asyncio.get_running_loop()
         self.idle_timeout = idle_timeout
         self._connect_timeout = connect_timeout
         self._keepalive = keepalive_sec
-        self._idle: dict[int, list[Connection]] = {}
-        self._all: set[Connection] = set()
+        self._idle: dict[int, list[UpstreamConnection]] = {}
+        self._all: set[UpstreamConnection] = set()
+        self._factory: Callable[[int], Callable[[], UpstreamConnection]] = \
+            lambda port: lambda: UpstreamConnection(self, port)
 
-    async def request(
-        self, port: int, head: bytes, body: bytes | None, *, head_only: bool = False
-    ) -> Response:
-        """Send one request (`head`: its complete head, blank line included); wait for the answer's head.
+    async def request(self, port: int, head: bytes, body: bytes, *, head_only: bool = False,
+                      decode: bool = False) -> tuple[UpstreamConnection, ResponseHead]:
+        """Send one request; wait for the answer's head (and its first body bytes).
 
         A pooled connection that turns out closed before any response byte (the replica closed it while it
         sat idle) is retried once on a new connection; any other failure is raised for the caller to judge.
@@ -458,9 +467,10 @@ class Pool:
         for attempt in (0, 1):
             conn, reused = await self._acquire(port, fresh=attempt > 0)
             try:
-                conn.send(head, body, head_only)
-                return await conn.read_head()
+                conn.send(head, body, head_only=head_only, decode=decode)
+                return conn, await conn.response()
             except NoResponse:
+                conn.abort()
                 if reused and attempt == 0:
                     continue
                 raise
@@ -469,7 +479,7 @@ class Pool:
                 raise
         raise AssertionError("unreachable")
 
-    async def _acquire(self, port: int, fresh: bool) -> tuple[Connection, bool]:
+    async def _acquire(self, port: int, fresh: bool) -> tuple[UpstreamConnection, bool]:
         idle = self._idle.get(port)
         if idle and not fresh:
             now = self.loop.time()
@@ -480,26 +490,24 @@ class Pool:
                 conn.abort()
         try:
             _, conn = await asyncio.wait_for(
-                self.loop.create_connection(lambda: Connection(self, port), "127.0.0.1", port),
-                self._connect_timeout,
-            )
+                self.loop.create_connection(self._factory(port), "127.0.0.1", port), self._connect_timeout)
         except asyncio.TimeoutError:
             raise ConnectFailed(f"Connecting to 127.0.0.1:{port} timed out.") from None
         except OSError as exc:
             raise ConnectFailed(f"Cannot connect to 127.0.0.1:{port}: {exc.strerror or exc}.") from None
         return conn, False
 
-    def track(self, conn: Connection) -> None:
+    def track(self, conn: UpstreamConnection) -> None:
         self._all.add(conn)
 
-    def release(self, conn: Connection) -> None:
+    def release(self, conn: UpstreamConnection) -> None:
         idle = self._idle.setdefault(conn.port, [])
         idle.append(conn)
         # LIFO reuse leaves the oldest at the bottom; expire it here so unused connections do not pile up.
-        if len(idle) > 1 and conn.idle_since - idle[0].idle_since >= self._keepalive:
+        while len(idle) > 1 and conn.idle_since - idle[0].idle_since >= self._keepalive:
             idle.pop(0).abort()
 
-    def forget(self, conn: Connection) -> None:
+    def forget(self, conn: UpstreamConnection) -> None:
         self._all.discard(conn)
         idle = self._idle.get(conn.port)
         if idle and conn in idle:

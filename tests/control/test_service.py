@@ -119,7 +119,8 @@ def test_a_state_write_that_fails_leaves_no_reservation(tmp_path: Path) -> None:
 
 def test_a_start_timeout_message_says_what_was_polled(tmp_path: Path) -> None:
     async def test(h: InProcess) -> None:
-        model = await h.service.start_model(spec(env={"STATUS": "404"}, start_timeout_sec=0.5))
+        # Long enough for the tiny server to listen even on a loaded machine: the answer must be its 404.
+        model = await h.service.start_model(spec(env={"STATUS": "404"}, start_timeout_sec=3))
         await settled(h, model)
         replica = model.replicas[0]
         assert replica.state is ReplicaState.FAILED

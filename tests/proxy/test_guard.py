@@ -22,12 +22,11 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from helpers import make_proxy, wait_until
+from helpers import LocalProxy, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gpud.proxy.guard import auto_max_connections
-from gpud.proxy.metrics import Metrics
 from gpud.proxy.server import Proxy
 from gpud.registry import Model, Registry, Replica, ReplicaState
 from gpud.spec import ModelSpec
@@ -50,7 +49,7 @@ class Hosted:
     address: tuple[str, int]
     proxy: Proxy
     upstream: Upstream
-    metrics: Metrics
+    metrics: LocalProxy  # its render() is the /metrics exposition
     loop: asyncio.AbstractEventLoop
 
 
@@ -99,15 +98,14 @@ def hosted(**proxy_kwargs: Any) -> Iterator[Hosted]:
             model="m", index=0, gpus=(), vram_by_gpu=(), port=state.port, state=ReplicaState.READY
         )
         registry.models["m"] = model
-        metrics = Metrics(registry)
-        proxy = make_proxy(registry, metrics=metrics, **proxy_kwargs)
-        await proxy.start("127.0.0.1", 0)
-        ready.update(proxy=proxy, metrics=metrics, loop=asyncio.get_running_loop())
+        local = LocalProxy(registry, **proxy_kwargs)
+        await local.start()
+        ready.update(proxy=local.proxy, metrics=local, loop=asyncio.get_running_loop())
         started.set()
         try:
             await stop.wait()
         finally:
-            await proxy.close()
+            await local.close()
             await runner.cleanup()
 
     thread = threading.Thread(target=lambda: asyncio.run(main()), daemon=True)
@@ -179,7 +177,7 @@ def closed_within(sock: socket.socket, seconds: float) -> float:
     return time.monotonic() - started
 
 
-def errors_of(metrics: Metrics, kind: str) -> float:
+def errors_of(metrics: LocalProxy, kind: str) -> float:
     text = metrics.render()[0].decode()
     match = re.search(rf'^gpud_proxy_errors_total\{{kind="{kind}",model="",replica=""\}} (\S+)$', text, re.M)
     return float(match.group(1)) if match else 0.0

@@ -21,10 +21,9 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from helpers import make_proxy
+from helpers import LocalProxy
 
 from gpud.errors import GpudError
-from gpud.proxy.metrics import Metrics
 from gpud.proxy.server import Proxy
 from gpud.registry import Model, Registry, Replica, ReplicaState
 from gpud.spec import ModelSpec
@@ -118,15 +117,14 @@ def make_registry(models: dict[str, list[int]], state: ReplicaState = READY) -> 
 
 
 @contextlib.asynccontextmanager
-async def serving(registry: Registry, **kwargs: Any) -> AsyncIterator[tuple[Proxy, aiohttp.ClientSession]]:
-    proxy = make_proxy(registry, **kwargs)
-    await proxy.start("127.0.0.1", 0)
+async def serving(registry: Registry, **kwargs: Any) -> AsyncIterator[tuple[LocalProxy, aiohttp.ClientSession]]:
+    local = LocalProxy(registry, **kwargs)
+    host, port = await local.start()
     try:
-        host, port = proxy.address
         async with aiohttp.ClientSession(base_url=f"http://{host}:{port}") as client:
-            yield proxy, client
+            yield local, client
     finally:
-        await proxy.close()
+        await local.close()
 
 
 def run(coro: Awaitable[Any]) -> Any:
@@ -360,8 +358,7 @@ def test_bad_requests_get_4xx_with_openai_error_bodies(ports: list[int]) -> None
     async def main() -> None:
         registry = make_registry({"m": ports})
         registry.models["idle"] = make_registry({"idle": ports}, state=ReplicaState.STARTING).models["idle"]
-        metrics = Metrics(registry)
-        async with serving(registry, max_body_bytes=4096, metrics=metrics) as (_, client):
+        async with serving(registry, max_body_bytes=4096) as (metrics, client):
 
             async def expect(status: int, code: str, **kwargs: Any) -> aiohttp.ClientResponse:
                 async with client.post("/v1/completions", **kwargs) as r:
@@ -446,9 +443,8 @@ def test_streams_are_forwarded_chunk_by_chunk() -> None:
 def test_sse_through_the_proxy_matches_direct_and_records_ttfb(ports: list[int]) -> None:
     async def main() -> None:
         registry = make_registry({"m": ports[:1]})
-        metrics = Metrics(registry)
         request = {**COMPLETION, "max_tokens": 40, "stream": True}
-        async with serving(registry, metrics=metrics) as (_, client):
+        async with serving(registry) as (metrics, client):
             async with client.post("/v1/completions", json=request) as r:
                 events = [line async for line in r.content if line.startswith(b"data: ")]
         assert len(events) == 41 and events[-1] == b"data: [DONE]\n"
@@ -500,9 +496,7 @@ def test_a_killed_replica_costs_no_request_that_had_no_response_bytes() -> None:
         def on_connect_failure(replica: Replica) -> None:  # what the supervisor does
             failed.append(replica.index)
             registry.set_state(replica, ReplicaState.UNHEALTHY, "connection refused")
-
-        metrics = Metrics(registry)
-        async with serving(registry, on_connect_failure=on_connect_failure, metrics=metrics) as (_, client):
+        async with serving(registry, on_connect_failure=on_connect_failure) as (metrics, client):
             # A stream that has sent bytes from replica 0 is cut, not retried.
             stream = await client.post(
                 "/v1/completions", json={**COMPLETION, "max_tokens": 100_000, "stream": True}
@@ -604,7 +598,7 @@ def test_api_keys_guard_every_route_but_health() -> None:
         async with (
             echo_upstream() as (echo_port, _),
             serving(
-                make_registry({"echo": [echo_port]}), api_keys=["k-one", "k-two"], metrics=Metrics(Registry())
+                make_registry({"echo": [echo_port]}), api_keys=["k-one", "k-two"]
             ) as (_, client),
         ):
             async with client.get("/health") as r:
@@ -651,7 +645,7 @@ def test_metrics_route_serves_prometheus_text(ports: list[int]) -> None:
     async def main() -> None:
         registry = make_registry({"m": ports})
         registry.models["m"].replicas[2].restarts = 2
-        async with serving(registry, metrics=Metrics(registry, Ledger())) as (_, client):
+        async with serving(registry, gpus=lambda: Ledger().to_json()["gpus"]) as (_, client):
             for _ in range(3):
                 async with client.post("/v1/completions", json=COMPLETION) as r:
                     assert r.status == 200
@@ -669,9 +663,9 @@ def test_metrics_route_serves_prometheus_text(ports: list[int]) -> None:
 
 def test_a_busy_address_is_a_clear_error() -> None:
     async def main() -> None:
-        async with serving(Registry()) as (proxy, _):
-            host, port = proxy.address
-            other = Proxy(Registry())
+        async with serving(Registry()) as (local, _):
+            host, port = local.proxy.address
+            other = Proxy()
             with pytest.raises(GpudError, match="already in use"):
                 await other.start(host, port)
             await other.close()
@@ -707,8 +701,7 @@ def test_a_replica_dying_before_the_client_got_a_byte_is_retried_even_after_its_
             echo_upstream() as (echo_port, _),
         ):
             registry = make_registry({"m": [mid_head, before_first_chunk, mid_small_body, echo_port]})
-            metrics = Metrics(registry)
-            async with serving(registry, metrics=metrics) as (_, client):
+            async with serving(registry) as (metrics, client):
                 for _ in range(4):  # each request meets the dying replicas in a different order
                     async with client.post("/v1/completions", json=COMPLETION) as r:
                         assert r.status == 200 and r.headers["X-Gpud-Replica"] == "3"

@@ -1,4 +1,4 @@
-"""gpud.proxy.upstream: the proxy's HTTP/1.1 client — framing, keep-alive reuse, flow control, timeouts, errors."""
+"""gpud.proxy.upstream: the proxy's last hop — framing, raw relay, keep-alive reuse, flow control, timeouts, errors."""
 
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ from typing import Any
 import pytest
 
 from gpud.proxy.upstream import (
-    HIGH_WATER,
+    WHOLE_LIMIT,
     BrokenResponse,
     ConnectFailed,
-    Connection,
+    Framing,
     NoResponse,
     Pool,
     ResponseCut,
+    UpstreamConnection,
     UpstreamTimeout,
 )
 
@@ -31,7 +32,7 @@ def run(coro: Awaitable[Any]) -> Any:
 class FakeTransport(asyncio.Transport):
     """Records what the connection does to its socket; the test plays the replica's bytes in."""
 
-    def __init__(self, protocol: Connection) -> None:
+    def __init__(self, protocol: UpstreamConnection) -> None:
         super().__init__()
         self.protocol = protocol
         self.written = b""
@@ -41,6 +42,10 @@ class FakeTransport(asyncio.Transport):
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self.written += bytes(data)
 
+    def writelines(self, data: Any) -> None:
+        for piece in data:
+            self.write(piece)
+
     def abort(self) -> None:
         if not self.aborted:
             self.aborted = True
@@ -49,6 +54,9 @@ class FakeTransport(asyncio.Transport):
     def is_closing(self) -> bool:
         return self.aborted
 
+    def is_reading(self) -> bool:
+        return not self.paused
+
     def pause_reading(self) -> None:
         self.paused = True
 
@@ -56,43 +64,63 @@ class FakeTransport(asyncio.Transport):
         self.paused = False
 
 
-def fake_connection(pool: Pool, head_only: bool = False) -> tuple[Connection, FakeTransport]:
-    conn = Connection(pool, 1)
+class Sink:
+    def __init__(self) -> None:
+        self.data = b""
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+
+def fake_connection(pool: Pool, head_only: bool = False, decode: bool = False
+                    ) -> tuple[UpstreamConnection, FakeTransport]:
+    conn = UpstreamConnection(pool, 1)
     transport = FakeTransport(conn)
     conn.connection_made(transport)
-    conn.send(HEAD, None, head_only)
+    conn.send(HEAD, b"", head_only=head_only, decode=decode)
     return conn, transport
 
 
-async def exchange(pieces: list[bytes], head_only: bool = False) -> tuple[int, dict[str, str], bytes, bool]:
-    """Feed a response in pieces: status, headers, body, and whether the connection went back to the pool."""
+async def exchange(pieces: list[bytes], head_only: bool = False, decode: bool = False
+                   ) -> tuple[int, dict[bytes, bytes], bytes, bool]:
+    """Feed a response in pieces: status, headers, the body as relayed, and whether the connection went back
+    to the pool."""
     pool = Pool(idle_timeout=5)
-    conn, transport = fake_connection(pool, head_only)
+    conn, transport = fake_connection(pool, head_only, decode)
     for piece in pieces:
         conn.data_received(piece)
-    response = await conn.read_head()
-    body = await response.read_all()
-    response.release()
+    head = await conn.response()
+    sink = Sink()
+    sink.write(conn.first)
+    await conn.relay(sink)
+    conn.release()
     await asyncio.sleep(0)
     reused = not transport.aborted and pool._idle.get(1) == [conn]
-    return response.status, dict(response.headers), body, reused
+    return head.status, dict(head.headers), sink.data, reused
 
 
-CHUNKED = (
-    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
-    b"7\r\ndata: a\r\n1a;ext=1\r\n" + b"x" * 26 + b"\r\n0\r\nTrailer-Field: t\r\n\r\n"
-)
+CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+CHUNKED_BODY = b"7\r\ndata: a\r\n1a;ext=1\r\n" + b"x" * 26 + b"\r\n0\r\nTrailer-Field: t\r\n\r\n"
+CHUNKED = CHUNKED_HEAD + CHUNKED_BODY
 
 
-def test_chunked_body_decodes_at_every_split_point_and_byte_by_byte() -> None:
+def test_a_chunked_body_is_relayed_as_sent_at_every_split_point_and_byte_by_byte() -> None:
     async def main() -> None:
-        expected = b"data: a" + b"x" * 26
         for split in range(1, len(CHUNKED)):
             status, headers, body, reused = await exchange([CHUNKED[:split], CHUNKED[split:]])
-            assert (status, body, reused) == (200, expected, True), split
+            assert (status, body, reused) == (200, CHUNKED_BODY, True), split
         status, headers, body, reused = await exchange([CHUNKED[i : i + 1] for i in range(len(CHUNKED))])
-        assert body == expected and reused
-        assert headers["Transfer-Encoding"] == "chunked"
+        assert body == CHUNKED_BODY and reused
+        assert headers[b"Transfer-Encoding"] == b"chunked"
+
+    run(main())
+
+
+def test_an_http10_client_gets_the_decoded_body() -> None:
+    async def main() -> None:
+        for split in range(1, len(CHUNKED), 7):
+            _, _, body, reused = await exchange([CHUNKED[:split], CHUNKED[split:]], decode=True)
+            assert (body, reused) == (b"data: a" + b"x" * 26, True), split
 
     run(main())
 
@@ -103,7 +131,26 @@ def test_content_length_body_and_keep_alive() -> None:
         for split in range(1, len(raw)):
             status, headers, body, reused = await exchange([raw[:split], raw[split:]])
             assert (status, body, reused) == (201, b"hello", True)
-            assert headers["X-A"] == "spaced"
+            assert headers[b"X-A"] == b"spaced"
+
+    run(main())
+
+
+def test_a_small_body_is_held_whole_and_a_large_one_from_its_first_bytes() -> None:
+    async def main() -> None:
+        pool = Pool(idle_timeout=5)
+        conn, _ = fake_connection(pool)
+        conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+        waiting = asyncio.ensure_future(conn.response())
+        await asyncio.sleep(0.01)
+        assert not waiting.done()  # all of a small body, or none of it, reaches the client
+        conn.data_received(b"defghij")
+        await waiting
+        assert (conn.first, conn.complete) == (b"abcdefghij", True)
+        conn, _ = fake_connection(pool)
+        conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\nabc" % (WHOLE_LIMIT + 1))
+        head = await conn.response()
+        assert (head.framing, conn.first, conn.complete) == (Framing.LENGTH, b"abc", False)
 
     run(main())
 
@@ -120,13 +167,10 @@ def test_content_length_body_and_keep_alive() -> None:
         (b"HTTP/1.1 204 No Content\r\n\r\n", b"", True),
         (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n", b"", True),
         # Interim 1xx answers are skipped.
-        (
-            b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n!",
-            b"!",
-            True,
-        ),
-        # Bytes past the declared end: the body is cut at the length and the connection is not trusted again.
+        (b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n!", b"!", True),
+        # Bytes past the declared end never reach the client, and the connection is not trusted again.
         (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokEXTRA", b"ok", False),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\nEXTRA", b"2\r\nok\r\n0\r\n\r\n", False),
     ],
 )
 def test_framings(raw: bytes, body: bytes, reused: bool) -> None:
@@ -136,10 +180,13 @@ def test_framings(raw: bytes, body: bytes, reused: bool) -> None:
         conn.data_received(raw)
         if b"Content-Length" not in raw and b" 204 " not in raw:
             conn.connection_lost(None)  # the replica closes: that ends an until-close body
-        response = await conn.read_head()
-        assert await response.read_all() == body
-        response.release()
-        assert (not transport.aborted and not conn.closed) == reused
+        await conn.response()
+        sink = Sink()
+        sink.write(conn.first)
+        if not conn.complete:
+            await conn.relay(sink)
+        conn.release()
+        assert sink.data == body and (not transport.aborted and not conn.closed) == reused
 
     run(main())
 
@@ -149,7 +196,7 @@ def test_head_response_keeps_its_content_length_but_has_no_body() -> None:
         status, headers, body, reused = await exchange(
             [b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n"], head_only=True
         )
-        assert (status, headers["Content-Length"], body, reused) == (200, "1234", b"", True)
+        assert (status, headers[b"Content-Length"], body, reused) == (200, b"1234", b"", True)
 
     run(main())
 
@@ -164,6 +211,7 @@ def test_head_response_keeps_its_content_length_but_has_no_body() -> None:
         b"HTTP/1.1 200 OK\r\nX-A: 1\r\n folded\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+        b"HTTP/1.1 200 OK\r\nContent-Length: \xc2\xb2\r\n\r\nab",
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n",
         b"HTTP/1.1 200 OK\r\n" + b"X-Long: " + b"a" * 70_000,
     ],
@@ -173,7 +221,7 @@ def test_malformed_heads_are_broken_responses(raw: bytes) -> None:
         conn, transport = fake_connection(Pool(idle_timeout=5))
         conn.data_received(raw)
         with pytest.raises(BrokenResponse) as broken:
-            await conn.read_head()
+            await conn.response()
         assert not isinstance(broken.value, ResponseCut)  # invalid, not cut: the proxy does not retry it
         assert transport.aborted
 
@@ -184,11 +232,13 @@ def test_malformed_heads_are_broken_responses(raw: bytes) -> None:
 def test_malformed_chunks_break_the_body(body: bytes) -> None:
     async def main() -> None:
         conn, transport = fake_connection(Pool(idle_timeout=5))
-        conn.data_received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body)
-        response = await conn.read_head()
+        conn.data_received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        await asyncio.sleep(0)
+        conn.data_received(body)
         with pytest.raises(BrokenResponse):
-            await response.read_all()
-        response.release()
+            await conn.response()
+            await conn.relay(Sink())
+        conn.release()
         assert transport.aborted
 
     run(main())
@@ -198,48 +248,67 @@ def test_a_connection_cut_mid_body_or_mid_head_is_a_cut_and_before_any_byte_is_n
     async def main() -> None:
         pool = Pool(idle_timeout=5)
         conn, _ = fake_connection(pool)
-        conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
-        response = await conn.read_head()
-        assert await response.read() == b"abc"
+        conn.data_received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+        await conn.response()
+        assert conn.first == b"3\r\nabc\r\n"
         conn.connection_lost(ConnectionResetError("reset"))
         with pytest.raises(ResponseCut):
-            await response.read()
+            await conn.relay(Sink())
+
+        conn, _ = fake_connection(pool)  # a small body cut before its end: nothing was held back to send
+        conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+        conn.connection_lost(None)
+        with pytest.raises(ResponseCut):
+            await conn.response()
 
         conn, _ = fake_connection(pool)  # framed by close: a reset is not a clean end
         conn.data_received(b"HTTP/1.1 200 OK\r\n\r\npartial")
-        response = await conn.read_head()
+        await conn.response()
         conn.connection_lost(ConnectionResetError("reset"))
         with pytest.raises(ResponseCut):
-            await response.read_all()
+            await conn.relay(Sink())
 
         conn, _ = fake_connection(pool)
         conn.data_received(b"HTTP/1.1 200 OK\r\n")
         conn.connection_lost(None)
         with pytest.raises(ResponseCut):
-            await conn.read_head()
+            await conn.response()
 
         conn, _ = fake_connection(pool)
         conn.connection_lost(None)
         with pytest.raises(NoResponse):
-            await conn.read_head()
+            await conn.response()
 
     run(main())
 
 
-def test_reading_pauses_while_the_consumer_lags_and_resumes_when_it_reads() -> None:
+def test_a_paused_connection_is_not_timed_out_for_the_silence_it_was_told_to_keep() -> None:
     async def main() -> None:
-        conn, transport = fake_connection(Pool(idle_timeout=5))
-        conn.data_received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
-        response = await conn.read_head()
-        piece = b"x" * 65536
-        frame = b"%x\r\n%s\r\n" % (len(piece), piece)
-        sent = 0
-        while not transport.paused:
-            conn.data_received(frame)
-            sent += len(piece)
-        assert HIGH_WATER < sent <= HIGH_WATER + len(piece)
-        assert len(await response.read()) == sent  # everything buffered comes out in one piece
-        assert not transport.paused
+        conn, transport = fake_connection(Pool(idle_timeout=0.1))
+        conn.data_received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+        await conn.response()
+        sink = Sink()
+        relaying = asyncio.ensure_future(conn.relay(sink))
+        conn.pause_reading()  # the client stopped reading: the replica is held back
+        assert transport.paused
+        await asyncio.sleep(0.35)
+        assert not relaying.done()
+        conn.resume_reading()
+        conn.data_received(b"3\r\ndef\r\n0\r\n\r\n")
+        await relaying
+        assert sink.data == b"3\r\ndef\r\n0\r\n\r\n" and not transport.paused
+
+    run(main())
+
+
+def test_chunk_boundaries_are_known_for_the_cut_rule() -> None:
+    async def main() -> None:
+        conn, _ = fake_connection(Pool(idle_timeout=5))
+        conn.data_received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n8\r\ndata: a\n")
+        await conn.response()
+        assert conn.in_chunk  # the event's chunk has not ended
+        conn.data_received(b"\r\n")
+        assert not conn.in_chunk
 
     run(main())
 
@@ -299,9 +368,9 @@ def test_keep_alive_reuses_one_connection_and_sends_bodies_whole() -> None:
         async with server(handler) as (port, count):
             pool = Pool(idle_timeout=5)
             for body in (b"a", b"b" * 200_000, b""):
-                response = await pool.request(port, request(body), body)
-                assert await response.read_all() == body
-                response.release()
+                conn, _ = await pool.request(port, request(body), body)
+                assert await body_of(conn) == body
+                conn.release()
             assert count[0] == 1
             await pool.close()
 
@@ -323,9 +392,9 @@ def test_a_pooled_connection_closed_by_the_replica_is_retried_once_on_a_new_one(
         async with server(handler) as (port, count):
             pool = Pool(idle_timeout=5)
             for _ in range(2):
-                response = await pool.request(port, request(), b"")
-                assert await response.read_all() == b"ok"
-                response.release()
+                conn, _ = await pool.request(port, request(), b"")
+                assert await body_of(conn) == b"ok"
+                conn.release()
             assert count[0] == 2
             await pool.close()
 
@@ -363,10 +432,8 @@ def test_silence_past_the_idle_timeout_raises_and_closes_the_connection() -> Non
                 await pool.request(port, request(), b"")
             await asyncio.wait_for(gone.wait(), 5)
             gone.clear()
-            response = await pool.request(port, request(), b"")  # head arrives, then nothing
-            with pytest.raises(UpstreamTimeout):
-                await response.read()
-            response.close()
+            with pytest.raises(UpstreamTimeout):  # a head, then nothing: no first bytes before the timeout
+                await pool.request(port, request(), b"")
             await asyncio.wait_for(gone.wait(), 5)
             await pool.close()
 
@@ -386,19 +453,24 @@ def test_a_closed_port_is_connect_failed() -> None:
     run(main())
 
 
-def test_a_connection_released_with_unread_body_is_not_pooled() -> None:
-    # The replica finished while the consumer (a slow client) had not read everything, and the client left:
-    # reusing this connection would start the next client's body with these leftover bytes.
+def test_a_connection_released_before_its_body_ended_is_not_pooled() -> None:
+    # The client left while the replica was still sending: reusing this connection would start the next
+    # client's body with the leftover bytes.
     async def main() -> tuple[bool, bool]:
         pool = Pool(idle_timeout=5)
         conn, transport = fake_connection(pool)
         conn.data_received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
-        response = await conn.read_head()
-        assert await response.read() == b"first"
-        conn.data_received(b"6\r\nsecond\r\n0\r\n\r\n")  # complete, but "second" is never read
-        response.release()
+        await conn.response()
+        conn.release()
         await asyncio.sleep(0)
         return transport.aborted, pool._idle.get(1) == [conn]
 
     aborted, pooled = run(main())
     assert aborted and not pooled
+
+
+async def body_of(conn: UpstreamConnection) -> bytes:
+    sink = Sink()
+    sink.write(conn.first)
+    await conn.relay(sink)
+    return sink.data

@@ -79,12 +79,13 @@ def test_a_clean_exit_with_restart_no_is_stopped_and_reported(tmp_path: Path) ->
 
 def test_a_start_timeout_names_the_path_and_its_answer(tmp_path: Path) -> None:
     async def test(h: InProcess) -> None:
-        model = add_model(h, [(0,)], env={"STATUS": "404"}, health_path="/ready", start_timeout_sec=0.6)
+        # Long enough for the tiny server to listen even on a loaded machine: the answer must be its 404.
+        model = add_model(h, [(0,)], env={"STATUS": "404"}, health_path="/ready", start_timeout_sec=3)
         replica = model.replicas[0]
         h.supervisor.launch(model, replica, lambda r: None)
         await h.wait(lambda: replica.state is ReplicaState.BACKOFF, what="backoff")
         assert replica.message is not None
-        assert replica.message.startswith(f"did not become ready within 0.6 s (GET /ready on port {replica.port}: HTTP 404)")
+        assert replica.message.startswith(f"did not become ready within 3 s (GET /ready on port {replica.port}: HTTP 404)")
 
     run(test, tmp_path)
 
