@@ -189,9 +189,10 @@ def write_gguf(path: Path, kvs: Sequence[Kv], tensors: Sequence[GgufTensor], *, 
 
 def llama_gguf(path: Path, *, layers: int = 16, hidden: int = 2048, heads: int = 32, kv_heads: int = 8,
                ffn: int = 8192, vocab: int = 128256, context: int = 131072, weights: str = "Q8_0",
-               extra_kvs: Sequence[Kv] = (), vocab_strings: int = 1000, **kwargs: Any) -> int:
+               extra_kvs: Sequence[Kv] = (), vocab_strings: int = 1000, merges: int = 0, **kwargs: Any) -> int:
     """A llama-architecture GGUF like llama.cpp's converter writes (Llama 3.2 1B by default, tied
-    embeddings, f32 norms); `vocab_strings` tokens in the tokenizer array. Returns the tensors' bytes."""
+    embeddings, f32 norms); `vocab_strings` tokens and `merges` BPE merges in the tokenizer arrays (the bulk
+    of a real header: 128256 and 280147 for Llama 3). Returns the tensors' bytes."""
     kvs: list[Kv] = [
         ("general.architecture", STRING, "llama"),
         ("general.name", STRING, "Llama 3.2 1B Instruct"),
@@ -207,6 +208,7 @@ def llama_gguf(path: Path, *, layers: int = 16, hidden: int = 2048, heads: int =
         ("tokenizer.ggml.model", STRING, "gpt2"),
         ("tokenizer.ggml.tokens", ARRAY, (STRING, [f"tok{i}" for i in range(vocab_strings)])),
         ("tokenizer.ggml.token_type", ARRAY, (I32, [1] * vocab_strings)),
+        ("tokenizer.ggml.merges", ARRAY, (STRING, [f"m {i}" for i in range(merges)])),
         ("tokenizer.ggml.bos_token_id", U32, 128000),
         ("general.quantization_version", U32, 2),
         *extra_kvs,

@@ -217,17 +217,22 @@ def replica_changes(previous: Mapping[int, Mapping[str, Any]], show: Mapping[str
 # ---- GPUs, plans, status, venvs ----------------------------------------------------------------------
 
 
+def _hosted(replica: Mapping[str, Any]) -> str:
+    """`demo#0`, and on NVML what it really uses of its reservation there: `demo#0 (used 9.1 of 10 GiB)`."""
+    name = f"{replica.get('model')}#{replica.get('index')}"
+    if replica.get("measured_bytes") is None:
+        return name
+    return f"{name} (used {_size(replica.get('measured_bytes'))} of {_size(replica.get('reserved_bytes'))})"
+
+
 def format_gpus(body: Mapping[str, Any]) -> str:
     gpus = body.get("gpus") or []
     if not gpus:
         return "No GPUs."
     rows = []
     notes = []
-    # NVML only: what gpud's replicas really use of their reservations, as a column when known.
-    measured = any(r.get("measured_bytes") is not None for g in gpus for r in g.get("replicas") or [])
     for g in gpus:
-        hosted = " ".join(f"{r.get('model')}#{r.get('index')}" for r in g.get("replicas") or []) or "-"
-        used = sum(r.get("measured_bytes") or 0 for r in g.get("replicas") or [])
+        hosted = " ".join(_hosted(r) for r in g.get("replicas") or []) or "-"
         rows.append(
             [
                 g.get("index"),
@@ -235,15 +240,13 @@ def format_gpus(body: Mapping[str, Any]) -> str:
                 _size(g.get("total_bytes")),
                 _size(g.get("used_by_others_bytes")),
                 _size(g.get("reserved_bytes")),
-                *([_size(used)] if measured else []),
                 _size(g.get("available_bytes")),
                 hosted,
             ]
         )
         if g.get("ok") is False:
             notes.append(f"GPU {g.get('index')} is not usable: {g.get('reason') or 'no reason was given'}.")
-    headers = ["INDEX", "NAME", "TOTAL", "USED-BY-OTHERS", "RESERVED", *(["USED-OF-RESERVED"] if measured else []),
-               "AVAILABLE", "REPLICAS"]
+    headers = ["INDEX", "NAME", "TOTAL", "USED-BY-OTHERS", "RESERVED", "AVAILABLE", "REPLICAS"]
     text = table(headers, rows)
     return text + ("\n\n" + "\n".join(notes) if notes else "")
 

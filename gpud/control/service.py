@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 
 def placement_request(spec: ModelSpec, replicas: int, multi_replica: bool) -> PlacementRequest:
+    if spec.needs_estimate:  # a bug, not a user error: unestimated "auto" would silently mean whole GPUs
+        raise ValueError(f"model {spec.name!r}: vram auto must be estimated before it is placed")
     return PlacementRequest(
         replicas=replicas,
         gpus_per_replica=spec.gpus_per_replica,

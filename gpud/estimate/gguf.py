@@ -99,14 +99,16 @@ class _Reader:
         self.pos = 0
         self.order = order
         self.size = len(buf)
+        self._structs: dict[str, struct.Struct] = {}
 
     def unpack(self, fmt: str) -> Any:
-        code = self.order + fmt
-        width = struct.calcsize(code)
-        if self.pos + width > self.size:
+        packer = self._structs.get(fmt)
+        if packer is None:
+            packer = self._structs[fmt] = struct.Struct(self.order + fmt)
+        if self.pos + packer.size > self.size:
             raise _Truncated
-        (value,) = struct.unpack_from(code, self.buf, self.pos)
-        self.pos += width
+        (value,) = packer.unpack_from(self.buf, self.pos)
+        self.pos += packer.size
         return value
 
     def string(self) -> str:
@@ -119,13 +121,15 @@ class _Reader:
 
     def skip_strings(self, count: int) -> None:
         # The tokenizer's arrays hold 100k+ strings; skipping them without decoding keeps a read fast.
-        buf, pos, size, code = self.buf, self.pos, self.size, self.order + "Q"
+        buf, pos, size = self.buf, self.pos, self.size
         if pos + 8 * count > size:  # each string takes 8 bytes at least: a garbage count fails at once
             raise _Truncated
-        for _ in range(count):
-            if pos + 8 > size:
-                raise _Truncated
-            pos += 8 + struct.unpack_from(code, buf, pos)[0]
+        length = struct.Struct(self.order + "Q").unpack_from
+        try:
+            for _ in range(count):
+                pos += 8 + length(buf, pos)[0]
+        except struct.error:  # a length field past the end of the file
+            raise _Truncated from None
         if pos > size:
             raise _Truncated
         self.pos = pos

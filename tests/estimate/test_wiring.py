@@ -254,3 +254,33 @@ def test_plan_and_start_refuse_bad_auto_requests(capsys: pytest.CaptureFixture[s
     ]:
         code, out, err = run(capsys, *argv)
         assert code == 2 and expected in err and err.count("\n") == 1, (argv, err)
+
+
+def test_estimate_settings_in_the_config_file(tmp_path: Path) -> None:
+    from gpud.config import EstimateSettings, load_settings
+
+    path = tmp_path / "gpud.toml"
+    assert load_settings({"config": None}, {"HOME": str(tmp_path)}).estimate == EstimateSettings()
+    assert (EstimateSettings().kv_sequences, EstimateSettings().overhead_bytes) == (4, 2 * GiB)
+    path.write_text('[estimate]\nkv_sequences = 8\noverhead = "1.5GiB"\n')
+    assert load_settings({"config": str(path)}, {}).estimate == EstimateSettings(8, 3 * GiB // 2)
+    for text, expected in [
+        ("kv_sequences = 0", "'estimate.kv_sequences' in .* must be at least 1"),
+        ('kv_sequences = "4"', "'estimate.kv_sequences' in .* must be an? integer"),
+        ('overhead = "lots"', "Invalid estimate.overhead in .*: expected a size"),
+        ("sequences = 4", "Unknown config key 'estimate.sequences'"),
+    ]:
+        path.write_text(f"[estimate]\n{text}\n")
+        with pytest.raises(InvalidInput, match=expected):
+            load_settings({"config": str(path)}, {})
+
+
+def test_the_cli_estimates_without_importing_the_daemon_s_libraries(qwen: Path) -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; from gpud.cli import main; "
+            f"rc = main.main(['plan', {str(qwen)!r}, '--gpus', 'sim:80GiB', '--vram', 'auto', '-o', 'json']); "
+            "print(rc, sorted(m for m in ('aiohttp', 'psutil', 'prometheus_client', 'uvloop') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.splitlines()[-1] == "0 []", done.stderr
