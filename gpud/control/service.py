@@ -26,7 +26,7 @@ from gpud.estimate.request import resolve
 from gpud.gpus.ledger import Ledger, Reservation
 from gpud.gpus.placement import PlacementRequest, ReplicaPlacement, place, plan_json
 from gpud.registry import Model, Operation, Registry, Replica, ReplicaState
-from gpud.spec import MAX_REPLICAS, ModelSpec
+from gpud.spec import MAX_REPLICAS, VRAM_AUTO, ModelSpec
 from gpud.supervise.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ class ModelService:
 
     async def plan(self, body: Any) -> dict[str, Any]:
         if isinstance(body, dict) and "model" not in body:
-            if str(body.get("vram")).strip().lower() == "auto":
+            if str(body.get("vram")).strip().lower() == VRAM_AUTO:
                 raise InvalidInput(NEEDS_MODEL)
             body = {**body, "model": "plan"}
         spec = ModelSpec.from_json(body)

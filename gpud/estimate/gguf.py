@@ -260,6 +260,11 @@ def read_model(path: Path) -> GgufFile:
     """A GGUF model, split or not: the first file's metadata, the tensors of every file."""
     parts = [read_file(p) for p in split_paths(path)]
     first = parts[0]
+    count = first.metadata.get("split.count")
+    if isinstance(count, int) and not isinstance(count, bool) and count > len(parts):
+        # Renamed parts of a split model: the other files cannot be found, and one part alone under-counts.
+        raise cannot_estimate(path, f"its header says it is one of {count} files of a split model, but they are "
+                                    f"not named like NAME-00001-of-{count:05d}.gguf beside it")
     return GgufFile(path=path, version=first.version, metadata=first.metadata,
                     tensors=sum(p.tensors for p in parts), weights_bytes=sum(p.weights_bytes for p in parts))
 

@@ -63,6 +63,11 @@ def test_a_split_model_is_read_as_one(tmp_path: Path) -> None:
     for k in (1, 3):
         model = read_model(tmp_path / f"m-{k:05d}-of-00003.gguf")
         assert model.weights_bytes == sum(parts) and model.tensors == 3
+    renamed = tmp_path / "renamed.gguf"
+    (tmp_path / "m-00001-of-00003.gguf").rename(renamed)
+    with pytest.raises(InvalidInput, match="one of 3 files of a split model, but they are not named like"):
+        read_model(renamed)
+    renamed.rename(tmp_path / "m-00001-of-00003.gguf")
     (tmp_path / "m-00002-of-00003.gguf").unlink()
     with pytest.raises(InvalidInput, match="m-00002-of-00003.gguf: this part of the 3-file split model is missing"):
         read_model(tmp_path / "m-00001-of-00003.gguf")

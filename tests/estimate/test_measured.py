@@ -3,12 +3,15 @@ one warning when a replica uses more than it reserved. Nothing is measured on th
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fakes import fake_pynvml as fp
-from helpers import InProcess, run_in_process, tiny_engine_body
+from helpers import InProcess, run_in_process, tiny_engine_body, wait_until
 
 from gpud.estimate.measured import OveruseWatch, with_measured
 from gpud.gpus.ledger import Ledger, OwnedPids, Reservation
@@ -112,3 +115,63 @@ def test_model_show_reports_a_real_replica_measured_beside_its_reservation(
         await h.wait(lambda: model.name not in h.registry.models, what="the model to go")
 
     run_in_process(scenario, tmp_path, backend=NvmlBackend())
+
+
+# A `pynvml` module for a daemon subprocess: the fake, its devices read from a JSON file at each refresh
+# (the test writes real replica pids into it), each read counted in a file beside it.
+FAKE_MODULE = '''
+import json, os, sys
+sys.path.insert(0, {fakes!r})
+import fake_pynvml as fp
+
+class Scripted(fp.FakePynvml):
+    def nvmlDeviceGetCount(self):
+        path = os.environ["FAKE_NVML_STATE"]
+        with open(path) as fh:
+            devices = json.load(fh)
+        self.devices = [fp.FakeDevice(uuid=f"GPU-{{i}}", total=d["total"], used=d["used"],
+                                      compute=[fp.FakeProcess(pid, used) for pid, used in d["procs"]])
+                        for i, d in enumerate(devices)]
+        with open(path + ".reads", "a") as fh:
+            fh.write("x")
+        return super().nvmlDeviceGetCount()
+
+sys.modules[__name__] = Scripted()
+'''
+
+
+def test_a_real_daemon_on_nvml_reports_measured_memory_and_warns_once(make_daemon: Any, tmp_path: Path) -> None:
+    fakes = Path(__file__).resolve().parent.parent / "fakes"
+    (tmp_path / "pynvml.py").write_text(FAKE_MODULE.format(fakes=str(fakes)))
+    state = tmp_path / "nvml.json"
+
+    def devices(*procs: list[tuple[int, int]]) -> None:
+        body = [{"total": 80 * GiB, "used": sum(u for _, u in p), "procs": p} for p in procs]
+        (tmp_path / "nvml.tmp").write_text(json.dumps(body))
+        (tmp_path / "nvml.tmp").replace(state)  # the daemon never reads half a file
+
+    def reads() -> int:
+        path = Path(str(state) + ".reads")
+        return len(path.read_text()) if path.exists() else 0
+
+    devices([], [])
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+           "FAKE_NVML_STATE": str(state)}
+    daemon = make_daemon(gpus="auto", env=env).start()
+    shown = daemon.start_model(tiny_engine_body(vram="10GiB"))
+    replica = shown["replicas"][0]
+    assert replica["measured_bytes"] == 0 and replica["gpus"] == [0]  # on NVML a running replica is measured
+    devices([(replica["pid"], 12 * GiB)], [(4242, 3 * GiB)])  # over its 10 GiB; someone else on GPU 1
+    wait_until(lambda: daemon.show("tiny")["replicas"][0]["measured_bytes"] == 12 * GiB, 10, "the measurement")
+    gpus = daemon.client.request("GET", "/v1/gpus")["gpus"]
+    assert gpus[0]["replicas"] == [{"model": "tiny", "index": 0, "reserved_bytes": 10 * GiB,
+                                    "measured_bytes": 12 * GiB}]
+    assert (gpus[0]["used_by_others_bytes"], gpus[1]["used_by_others_bytes"]) == (0, 3 * GiB)
+    assert "tiny#0 (used 12 GiB of 10 GiB)" in daemon.cli("gpus").stdout
+    warning = "model 'tiny' replica 0 uses more GPU memory than it reserved (GPU 0: uses 12 GiB of 10 GiB reserved)"
+    wait_until(lambda: warning in daemon.log_text(), 10, "the warning")
+    seen = reads()
+    wait_until(lambda: reads() >= seen + 3, 20, "three more refreshes of the housekeeping loop")
+    assert daemon.log_text().count("uses more GPU memory than it reserved") == 1
+    devices([], [])  # the replica's memory goes with it, or the stop would wait for the driver to free it
+    assert daemon.cli("model", "stop", "tiny").returncode == 0
