@@ -44,6 +44,8 @@ def _read(path: Path) -> tuple[str, int, ModelShape]:
         shape = read_config(path)
         weights, _files = safetensors.read_weights(path)
         return "safetensors", weights, shape
+    if not path.is_file():  # a FIFO or a device would block the read, or never end
+        raise cannot_estimate(path, "it is neither a directory nor a regular file")
     model = gguf.read_model(path)
     return "gguf", model.weights_bytes, gguf.shape_from_gguf(model)
 

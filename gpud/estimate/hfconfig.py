@@ -93,10 +93,10 @@ def shape_from_config(config: dict[str, Any], where: Path) -> ModelShape:
 def read_config(directory: Path) -> ModelShape:
     """The shape from `directory/config.json`; InvalidInput when it is missing, not JSON, or lacks a field."""
     path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise cannot_estimate(directory, "it has no config.json")
     try:
         raw = path.read_bytes()
-    except FileNotFoundError:
-        raise cannot_estimate(directory, "it has no config.json") from None
     except OSError as exc:
         raise cannot_estimate(path, f"the file cannot be read ({exc.strerror or exc})") from None
     try:

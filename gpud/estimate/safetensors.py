@@ -134,7 +134,7 @@ def shard_paths(directory: Path) -> list[Path]:
         for name in names:
             if "/" in name or name in ("", ".", ".."):
                 raise cannot_estimate(index, f"its weight_map names {name!r}, which is not a file beside it")
-            if not (directory / name).exists():
+            if not (directory / name).is_file():
                 raise cannot_estimate(directory / name, "the shard the index names is missing (an incomplete "
                                                         "download?)")
         return [directory / name for name in names]

@@ -4,6 +4,7 @@ args it reads; config.json nesting; every refusal is one sentence that names the
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +150,9 @@ def test_refusals_name_the_path_and_what_is_missing(tmp_path: Path) -> None:
     assert "config.json: it is not a JSON object" in _refusal(model)
     missing = tmp_path / "nowhere"
     assert _refusal(missing) == f"Cannot compute --vram auto from {missing}: no such file or directory; pass --vram SIZE."
+    fifo = tmp_path / "model.gguf"
+    os.mkfifo(fifo)
+    assert "it is neither a directory nor a regular file" in _refusal(fifo)  # never opened: it would block
     text = tmp_path / "weights.safetensors"
     write_safetensors(text, [("w", "F16", (2,))])
     assert "it is not a GGUF file" in _refusal(text)
