@@ -13,8 +13,8 @@ with CUDA, else the gpud one, and the replica then uses the CUDA driver API thro
 3. `--replicas` replicas of bench/torch_replica.py with the `command` engine: each allocates GiB with
    torch or libcuda (and a child process does too, like vLLM's EngineCore). Checked: every replica sees exactly one
    device, the one gpud placed it on (UUID, else PCI bus id); `nvidia-smi --query-compute-apps` lists its
-   processes, within the reservation; the ledger counts their memory as gpud's, not as used by others;
-   the proxy reaches them.
+   processes, within the reservation; gpud's `measured_bytes` (model show) agrees with nvidia-smi; the
+   ledger counts their memory as gpud's, not as used by others; the proxy reaches them.
 4. `gpud model stop`: the processes are gone and nvidia-smi shows the memory free again; the ledger's
    reservations are 0. Then SIGTERM to the daemon: exit 0, no process left.
 
@@ -268,10 +268,28 @@ class Run:
                               f"{sorted(on_gpu)}")
             self.report.check(used <= replica["vram_bytes"], f"replica {i}: uses no more than its reservation",
                               f"{used // MiB} MiB used of {replica['vram_bytes'] // MiB} MiB reserved")
+            self.check_measured(i, used)
         request = urllib.request.Request(f"http://127.0.0.1:{self.port}/info", headers={"X-Gpud-Model": "gpu-check"})
         with urllib.request.urlopen(request, timeout=self.left(10)) as resp:
             self.report.check(resp.status == 200 and resp.headers.get("X-Gpud-Replica") is not None,
                               "the proxy routes to a replica", f"X-Gpud-Replica {resp.headers.get('X-Gpud-Replica')}")
+
+    def check_measured(self, index: int, used: int) -> None:
+        """gpud's own measurement of the replica (model show `measured_bytes`, the sum over its process tree)
+        against nvidia-smi's. The tree is re-read at each health check, so a child may take one interval."""
+        tol = self.args.tolerance_mib * MiB
+        seen: list[int | None] = [None]
+
+        def close() -> bool:
+            self.gpud_json("gpus")  # a fresh NVML reading for the ledger
+            shown = self.gpud_json("model", "show", "gpu-check")
+            seen[0] = next(r for r in shown["replicas"] if r["index"] == index).get("measured_bytes")
+            return seen[0] is not None and abs(seen[0] - used) <= tol
+
+        ok = bool(self.wait(close, 20, "gpud's measurement"))
+        got = "null" if seen[0] is None else f"{seen[0] // MiB} MiB"
+        self.report.check(ok, f"replica {index}: gpud measures what nvidia-smi shows",
+                          f"gpud {got}, nvidia-smi {used // MiB} MiB (tolerance {self.args.tolerance_mib} MiB)")
 
     def stop_model(self, baseline: list[dict[str, Any]]) -> None:
         done = self.gpud("model", "stop", "gpu-check", timeout=120)

@@ -113,6 +113,14 @@ class ProxySettings:
 
 
 @dataclass(frozen=True)
+class EstimateSettings:
+    """SPEC §11 `[estimate]`: what `--vram auto` assumes when the request does not say."""
+
+    kv_sequences: int = 4  # full-length sequences the KV cache must hold at once
+    overhead_bytes: int = 2 * 2**30  # per GPU: CUDA context, activations, graphs
+
+
+@dataclass(frozen=True)
 class Settings:
     config_path: Path | None
     socket: str
@@ -123,6 +131,7 @@ class Settings:
     multi_replica: bool = True
     proxy: ProxySettings = field(default_factory=ProxySettings)
     supervisor: SupervisorSettings = field(default_factory=SupervisorSettings)
+    estimate: EstimateSettings = field(default_factory=EstimateSettings)
     env: dict[str, str] = field(default_factory=dict)
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -142,6 +151,7 @@ _SECTIONS: dict[str, dict[str, tuple[type, ...]]] = {
         "max_connections": (int,),
         "workers": (int, str),
     },
+    "estimate": {"kv_sequences": (int,), "overhead": (str, int)},
     "supervisor": {
         f.name: ((str,) if f.name == "restart" else (int,) if f.name in ("start_limit_burst", "health_failures")
                  else _NUMBER)
@@ -260,6 +270,18 @@ def _supervisor_settings(data: Mapping[str, Any], where: str) -> SupervisorSetti
     return SupervisorSettings(**given)
 
 
+def _estimate_settings(data: Mapping[str, Any], where: str) -> EstimateSettings:
+    table = data.get("estimate", {})
+    given: dict[str, Any] = {}
+    if "kv_sequences" in table:
+        if table["kv_sequences"] < 1:
+            raise InvalidInput(f"Config key 'estimate.kv_sequences'{where} must be at least 1.")
+        given["kv_sequences"] = table["kv_sequences"]
+    if "overhead" in table:
+        given["overhead_bytes"] = parse_size(table["overhead"], what=f"estimate.overhead{where}")
+    return EstimateSettings(**given)
+
+
 def load_settings(flags: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -> Settings:
     """flags: config, socket, state_dir, gpus, listen (None when not given)."""
     explicit = flags.get("config") or environ.get("GPUD_CONFIG")
@@ -298,6 +320,7 @@ def load_settings(flags: Mapping[str, Any], environ: Mapping[str, str] = os.envi
         state_dir=Path(pick("state_dir", "GPUD_STATE_DIR", "daemon", "state_dir") or default_state_dir(environ)),
         proxy=_proxy_settings(data, flags.get("listen") or environ.get("GPUD_LISTEN") or None, environ, where),
         supervisor=_supervisor_settings(data, where),
+        estimate=_estimate_settings(data, where),
         env=dict(data.get("env", {})),
         models={name: dict(table) for name, table in data.get("models", {}).items()},
         **given,

@@ -24,6 +24,7 @@ from gpud.config import Settings, load_settings
 from gpud.control.service import ModelService
 from gpud.control.state import StateStore
 from gpud.errors import GpudError
+from gpud.estimate.measured import OveruseWatch
 from gpud.gpus import open_backend
 from gpud.gpus.base import GpuBackend
 from gpud.gpus.ledger import Ledger, OwnedPids
@@ -174,11 +175,14 @@ class Daemon:
             service.save_now()
 
     async def _housekeeping(self, registry: Registry, ledger: Ledger) -> None:
-        """Watchdog pings from the event loop itself (a stuck loop stops them), STATUS=, ledger refresh."""
+        """Watchdog pings from the event loop itself (a stuck loop stops them), STATUS=, ledger refresh (and
+        the warning for a replica that uses more GPU memory than it reserved)."""
         interval = min(self.notifier.watchdog_sec / 2, 2.0) if self.notifier.watchdog_sec else 2.0
         last_status = ""
+        overuse = OveruseWatch()
         while True:
             ledger.refresh()
+            overuse.check(ledger)
             status = _status_line(registry)
             lines = ["WATCHDOG=1"] if self.notifier.watchdog_sec else []
             if status != last_status:

@@ -135,6 +135,7 @@ class Model:
             "placement": spec.placement,
             "gpus_per_replica": spec.gpus_per_replica,
             "vram_bytes": spec.vram_bytes,
+            "estimate": None if spec.estimate is None else spec.estimate.to_json(),
             "args": list(spec.args),
             "created_at": self.created_at,
             "replicas": [r.to_json() for r in sorted(self.replicas.values(), key=lambda r: r.index)],

@@ -9,16 +9,20 @@ import math
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from gpud.engines import DEFAULT_ENGINE, engine_named, validate_engine_request
 from gpud.errors import InvalidInput
+from gpud.estimate.formula import Estimate
 from gpud.gpus.placement import POLICIES
 from gpud.units import parse_size
 
 MANAGED_ENV = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "GPUD_MODEL", "GPUD_REPLICA", "GPUD_PORT")
 MAX_REPLICAS = 1024
+VRAM_AUTO = "auto"  # SPEC §11: the reservation computed from the model's files
+MAX_CONTEXT_TOKENS = 2**30
+MAX_KV_SEQUENCES = 65536
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -27,6 +31,7 @@ _SECRET_RE = re.compile(r"TOKEN|KEY|SECRET|PASSWORD", re.IGNORECASE)
 _FIELDS = (
     "name", "model", "engine", "replicas", "gpus_per_replica", "vram", "gpu_idx", "placement",
     "env", "unset_env", "venv", "args", "command", "health_path", "start_timeout_sec",
+    "context_tokens", "kv_sequences",
 )
 
 
@@ -141,6 +146,10 @@ def _int_field(body: Mapping[str, Any], key: str, default: int, *, minimum: int,
     return value
 
 
+def _optional_int(body: Mapping[str, Any], key: str, *, maximum: int) -> int | None:
+    return None if body.get(key) is None else _int_field(body, key, 0, minimum=1, maximum=maximum)
+
+
 def _str_list(body: Mapping[str, Any], key: str) -> tuple[str, ...]:
     value = body.get(key)
     value = [] if value is None else value
@@ -160,7 +169,7 @@ class ModelSpec:
     engine: str = DEFAULT_ENGINE
     replicas: int = 1
     gpus_per_replica: int = 1
-    vram_bytes: int | None = None  # per GPU per replica; None = exclusive GPUs
+    vram_bytes: int | None = None  # per GPU per replica; None = exclusive GPUs (or "auto" not yet estimated)
     gpu_idx: tuple[int, ...] | None = None
     placement: str = "spread"
     env: dict[str, str] = field(default_factory=dict)
@@ -170,14 +179,29 @@ class ModelSpec:
     command: str | None = None
     health_path: str = "/health"
     start_timeout_sec: float | None = None
+    # SPEC §11 `vram: "auto"`: vram_bytes is the estimate's per_gpu_bytes once `estimate` is made (at start).
+    vram_auto: bool = False
+    context_tokens: int | None = None
+    kv_sequences: int | None = None
+    estimate: Estimate | None = None
+
+    @property
+    def needs_estimate(self) -> bool:
+        """True for `vram: "auto"` before the estimate is made: it cannot be placed yet."""
+        return self.vram_auto and self.estimate is None
+
+    def with_estimate(self, estimate: Estimate) -> ModelSpec:
+        """This spec reserving exactly what `estimate` computed."""
+        return replace(self, vram_bytes=estimate.per_gpu_bytes, estimate=estimate)
 
     @classmethod
     def from_json(cls, body: Any, *, check_files: bool = True) -> ModelSpec:
         """Validate a POST /v1/models body (also a `[models.NAME]` table, and a persisted record, for which
-        `check_files` is False: a local MODEL path is not required to exist then)."""
+        `check_files` is False: a local MODEL path is not required to exist then, and the record may carry
+        the `estimate` made when the model started, so that a restart reserves the same again)."""
         if not isinstance(body, Mapping):
             raise InvalidInput("Invalid request: expected a JSON object.")
-        unknown = sorted(set(body) - set(_FIELDS))
+        unknown = sorted(set(body) - set(_FIELDS) - (set() if check_files else {"estimate"}))
         if unknown:
             raise InvalidInput(f"Unknown field {unknown[0]!r} (known fields: {', '.join(_FIELDS)}).")
         if "model" not in body:
@@ -194,9 +218,17 @@ class ModelSpec:
         if placement not in POLICIES:
             raise InvalidInput(f"Unknown placement {placement!r}: use spread or pack.")
         vram = body.get("vram")
-        vram_bytes = None if vram is None else parse_size(vram, what="vram")
+        vram_auto = isinstance(vram, str) and vram.strip().lower() == VRAM_AUTO
+        vram_bytes = None if vram is None or vram_auto else parse_size(vram, what="vram")
         if vram_bytes is not None and vram_bytes <= 0:
             raise InvalidInput("Invalid vram: it must be more than 0 bytes.")
+        context_tokens = _optional_int(body, "context_tokens", maximum=MAX_CONTEXT_TOKENS)
+        kv_sequences = _optional_int(body, "kv_sequences", maximum=MAX_KV_SEQUENCES)
+        if not vram_auto and (context_tokens is not None or kv_sequences is not None):
+            raise InvalidInput('context_tokens and kv_sequences only apply with vram "auto" (--vram auto).')
+        estimate = None if body.get("estimate") is None else Estimate.from_json(body["estimate"])
+        if estimate is not None and not vram_auto:
+            raise InvalidInput('Invalid estimate: the record has one but its vram is not "auto".')
         gpu_idx = body.get("gpu_idx")
         if gpu_idx is not None:
             if not isinstance(gpu_idx, list) or not gpu_idx or not all(
@@ -244,7 +276,14 @@ class ModelSpec:
             command=command,
             health_path=health_path,
             start_timeout_sec=None if timeout is None else float(timeout),
+            vram_auto=vram_auto,
+            context_tokens=context_tokens,
+            kv_sequences=kv_sequences,
         )
+        if estimate is not None:
+            if estimate.gpus_per_replica != spec.gpus_per_replica:
+                raise InvalidInput("Invalid estimate: it was made for another gpus_per_replica.")
+            spec = spec.with_estimate(estimate)
         # Engine-specific checks (managed vLLM flags, command templates, sim args) live with the engines.
         validate_engine_request(spec.engine, spec.args, spec.command)
         return spec
@@ -254,7 +293,9 @@ class ModelSpec:
         d = asdict(self)
         d.pop("vram_bytes")
         d.pop("venv_packages")
-        d["vram"] = self.vram_bytes
+        d.pop("vram_auto")
+        d["vram"] = VRAM_AUTO if self.vram_auto else self.vram_bytes
+        d["estimate"] = None if self.estimate is None else self.estimate.to_json()
         d["venv"] = {"packages": list(self.venv_packages)} if self.venv_packages else None
         d["gpu_idx"] = list(self.gpu_idx) if self.gpu_idx is not None else None
         for key in ("unset_env", "args"):

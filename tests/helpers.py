@@ -247,7 +247,7 @@ FAST_SUPERVISOR = {"health_interval_sec": 0.2, "restart_sec": 0.05, "restart_max
 class InProcess:
     """A ModelService with its Supervisor, Ledger and Registry on sim GPUs, in the running event loop."""
 
-    def __init__(self, root: Path, gpus: str = "sim:2x80GiB", **supervisor: Any) -> None:
+    def __init__(self, root: Path, gpus: str = "sim:2x80GiB", backend: Any = None, **supervisor: Any) -> None:
         from gpud.config import Settings, SupervisorSettings
         from gpud.control.service import ModelService
         from gpud.control.state import StateStore
@@ -257,7 +257,8 @@ class InProcess:
 
         self.root = root
         self.instance = f"inproc-{os.getpid()}-{id(self):x}"
-        self.backend = SimBackend(parse_sim_spec(gpus))
+        # Another backend (e.g. NVML over the fake pynvml) may stand in for the simulated GPUs.
+        self.backend = backend or SimBackend(parse_sim_spec(gpus))
         self.owned = OwnedPids()
         self.ledger = Ledger(self.backend, headroom_bytes=0, owned=self.owned)
         self.registry = Registry()

@@ -47,7 +47,9 @@ def test_three_replicas_on_two_gpus_are_spread_reserved_and_served(daemon: Daemo
     ledger = daemon.client.request("GET", "/v1/gpus")["gpus"]
     assert [g["reserved_bytes"] for g in ledger] == [40 * GiB, 20 * GiB]
     assert [g["available_bytes"] for g in ledger] == [40 * GiB - 512 * 2**20, 60 * GiB - 512 * 2**20]
-    assert ledger[0]["replicas"] == [{"model": "demo", "index": 0}, {"model": "demo", "index": 2}]
+    assert ledger[0]["replicas"] == [  # nothing is measured on simulated GPUs
+        {"model": "demo", "index": 0, "reserved_bytes": 20 * GiB, "measured_bytes": None},
+        {"model": "demo", "index": 2, "reserved_bytes": 20 * GiB, "measured_bytes": None}]
 
     for replica in shown["replicas"]:
         env = environ_of(replica["pid"])

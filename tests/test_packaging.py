@@ -62,7 +62,7 @@ def test_every_commented_setting_in_the_default_config_is_the_real_default(tmp_p
 
 def test_the_default_config_has_every_section() -> None:
     headers = re.findall(r"(?m)^\[([a-z]+)\]$", CONFIG.read_text())
-    assert headers == ["daemon", "gpus", "allocator", "proxy", "supervisor", "env"]
+    assert headers == ["daemon", "gpus", "allocator", "proxy", "supervisor", "estimate", "env"]
     assert "[models." in CONFIG.read_text()  # an example of a declarative model
 
 

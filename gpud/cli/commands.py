@@ -14,7 +14,7 @@ from typing import Any
 
 from gpud.cli import render
 from gpud.cli.client import Client, StreamTimeout, model_path
-from gpud.cli.requests import placement_fields, seconds, start_body, whole
+from gpud.cli.requests import plan_body, seconds, start_body, whole
 from gpud.config import DEFAULT_HEADROOM_BYTES, default_socket_path, multi_replica_from_env
 from gpud.errors import DaemonUnreachable, DoesNotFit, GpudError, InvalidInput
 from gpud.spec import MAX_REPLICAS
@@ -180,35 +180,41 @@ def cmd_logs(ns: argparse.Namespace) -> int:
     return 0
 
 
-def local_plan(spec: str, fields: Mapping[str, Any], headroom_bytes: int, multi_replica: bool) -> dict[str, Any]:
-    """Place on the GPUs a spec names, in this process: no daemon involved."""
+def local_plan(spec: str, body: Mapping[str, Any], headroom_bytes: int, multi_replica: bool) -> dict[str, Any]:
+    """Place on the GPUs a spec names, in this process: no daemon involved. `--vram auto` reads the model's
+    files here too, where this process's environment says (the [estimate] defaults apply)."""
+    from gpud.config import EstimateSettings
+    from gpud.estimate.request import resolve
     from gpud.gpus import open_backend
     from gpud.gpus.ledger import Ledger
     from gpud.gpus.placement import PlacementRequest, place, plan_json
+    from gpud.spec import ModelSpec
 
+    model = resolve(ModelSpec.from_json({"model": "plan", **body}), EstimateSettings(),
+                    daemon_env=os.environ, config_env={})
+    estimate = None if model.estimate is None else model.estimate.to_json()
     backend = open_backend(spec)
     try:
         views = Ledger(backend, headroom_bytes=headroom_bytes).views()
     finally:
         backend.close()
-    vram = fields.get("vram")
     request = PlacementRequest(
-        replicas=fields["replicas"],
-        gpus_per_replica=fields.get("gpus_per_replica", 1),
-        vram_bytes=None if vram is None else parse_size(vram, what="--vram"),
-        gpu_idx=tuple(fields["gpu_idx"]) if "gpu_idx" in fields else None,
-        policy=fields.get("placement", "spread"),
+        replicas=model.replicas,
+        gpus_per_replica=model.gpus_per_replica,
+        vram_bytes=model.vram_bytes,
+        gpu_idx=model.gpu_idx,
+        policy=model.placement,
         multi_replica=multi_replica,
     )
     try:
-        return plan_json(place(request, views), None)
+        return {**plan_json(place(request, views), None), "estimate": estimate}
     except DoesNotFit as exc:
         plan = exc.details.get("plan")
-        return plan if isinstance(plan, dict) else plan_json(None, exc.message)
+        return {**(plan if isinstance(plan, dict) else plan_json(None, exc.message)), "estimate": estimate}
 
 
 def cmd_plan(ns: argparse.Namespace) -> int:
-    fields = placement_fields(ns)
+    fields = plan_body(ns)
     if ns.gpus is not None:
         headroom = DEFAULT_HEADROOM_BYTES if ns.headroom is None else parse_size(ns.headroom, what="--headroom")
         multi = multi_replica_from_env(os.environ)
@@ -229,6 +235,8 @@ def cmd_plan(ns: argparse.Namespace) -> int:
         out(json.dumps(plan, indent=2))
     elif plan.get("fits"):
         out(render.format_plan(plan))
+    elif plan.get("estimate"):  # why it does not fit is half in the estimate: show it
+        out(render.format_estimate(plan["estimate"]))
     if not plan.get("fits"):
         reason = str(plan.get("reason") or "The request does not fit on these GPUs.")
         err(reason)

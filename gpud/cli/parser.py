@@ -55,9 +55,14 @@ def _add_wait(p: argparse.ArgumentParser, op: str) -> None:
 def _add_placement(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replicas", metavar="N", help="number of replicas (default 1)")
     p.add_argument("--gpus-per-replica", metavar="K", help="GPUs per replica (default 1)")
-    p.add_argument("--vram", metavar="SIZE", help="memory per GPU per replica, e.g. 20GiB (default: whole GPUs)")
+    p.add_argument("--vram", metavar="SIZE", help="memory per GPU per replica, e.g. 20GiB, or auto to compute "
+                   "it from the model's files (default: whole GPUs)")
     p.add_argument("--gpu-idx", metavar="0,1", help="GPUs the replicas may use (default: all)")
     p.add_argument("--placement", choices=POLICIES, help="spread (default) or pack")
+    p.add_argument("--context-tokens", metavar="N", help="with --vram auto: tokens per sequence in the KV cache "
+                   "(default: --max-model-len, else the model's trained context)")
+    p.add_argument("--kv-sequences", metavar="N", help="with --vram auto: full-length sequences the KV cache "
+                   "holds at once (default: [estimate] kv_sequences, 4)")
 
 
 def _read_command(
@@ -117,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=commands.cmd_logs)
 
     _read_command(sub, "gpus", "the GPU ledger", "GET", "/v1/gpus", render.format_gpus)
-    p = sub.add_parser("plan", help="dry-run a placement")
+    p = sub.add_parser("plan", help="dry-run a placement",
+                       usage="gpud plan [MODEL] [--gpus SPEC] [options] [-- ENGINE_ARGS…]")
+    p.add_argument("model", metavar="MODEL", nargs="?", help="the model to plan for (needed by --vram auto)")
     p.add_argument("--gpus", metavar="SPEC", help="plan locally on these GPUs (auto or sim:…), without a daemon")
     p.add_argument("--headroom", metavar="SIZE", help="memory kept free per GPU with --gpus (default 512MiB, as the daemon's)")
     _add_placement(p)
@@ -155,6 +162,6 @@ def parse(argv: list[str]) -> argparse.Namespace:
         head, engine_args = argv[:split], argv[split + 1:]
     ns = build_parser().parse_args(head)
     ns.engine_args = engine_args
-    if engine_args is not None and getattr(ns, "func", None) is not commands.cmd_start:
-        raise UsageError("engine arguments after -- are only accepted by `gpud model start`", "gpud")
+    if engine_args is not None and getattr(ns, "func", None) not in (commands.cmd_start, commands.cmd_plan):
+        raise UsageError("engine arguments after -- are only accepted by `gpud model start` and `gpud plan`", "gpud")
     return ns

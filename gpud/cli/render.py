@@ -119,10 +119,19 @@ def format_model_show(show: Mapping[str, Any]) -> str:
         fields.append(("Venv", f"{venv.get('path', '-')}" + (f" ({packages})" if packages else "")))
     if show.get("args"):
         fields.append(("Engine args", " ".join(show["args"])))
+    est = show.get("estimate")
+    if est:
+        kv = (est.get("kv_bytes_per_token") or 0) * (est.get("context_tokens") or 0) * (est.get("sequences") or 0)
+        fields.append(("Estimate", f"{_size(est.get('per_gpu_bytes'))} per GPU (--vram auto): weights "
+                                   f"{_size(est.get('weights_bytes'))} + KV {_size(kv)} ({est.get('context_tokens')} "
+                                   f"tokens × {est.get('sequences')} sequences), overhead "
+                                   f"{_size(est.get('overhead_bytes'))}"))
     width = max(len(k) for k, _ in fields) + 3  # two spaces after the longest "Key:"
     lines = [f"{k + ':':<{width}}{'-' if v is None else v}" for k, v in fields]
     replicas = show.get("replicas") or []
     if replicas:
+        # What the replicas really use (NVML only): a column only when some figure is known.
+        measured = any(r.get("measured_bytes") is not None for r in replicas)
         rows = [
             [
                 r.get("index"),
@@ -130,6 +139,7 @@ def format_model_show(show: Mapping[str, Any]) -> str:
                 r.get("pid"),
                 _gpus(r.get("gpus")),
                 _size(r.get("vram_bytes")),
+                *([_size(r.get("measured_bytes"))] if measured else []),
                 r.get("port") or "-",
                 r.get("restarts", 0),
                 r.get("inflight", 0),
@@ -137,7 +147,9 @@ def format_model_show(show: Mapping[str, Any]) -> str:
             ]
             for r in replicas
         ]
-        lines += ["", table(["INDEX", "STATE", "PID", "GPUS", "VRAM", "PORT", "RESTARTS", "INFLIGHT", "LAST EXIT"], rows)]
+        headers = ["INDEX", "STATE", "PID", "GPUS", "VRAM", *(["USED"] if measured else []), "PORT", "RESTARTS",
+                   "INFLIGHT", "LAST EXIT"]
+        lines += ["", table(headers, rows)]
         notes = [
             f"replica {r.get('index')}: {replica_failure(r)}"
             for r in replicas
@@ -205,6 +217,14 @@ def replica_changes(previous: Mapping[int, Mapping[str, Any]], show: Mapping[str
 # ---- GPUs, plans, status, venvs ----------------------------------------------------------------------
 
 
+def _hosted(replica: Mapping[str, Any]) -> str:
+    """`demo#0`, and on NVML what it really uses of its reservation there: `demo#0 (used 9.1 of 10 GiB)`."""
+    name = f"{replica.get('model')}#{replica.get('index')}"
+    if replica.get("measured_bytes") is None:
+        return name
+    return f"{name} (used {_size(replica.get('measured_bytes'))} of {_size(replica.get('reserved_bytes'))})"
+
+
 def format_gpus(body: Mapping[str, Any]) -> str:
     gpus = body.get("gpus") or []
     if not gpus:
@@ -212,7 +232,7 @@ def format_gpus(body: Mapping[str, Any]) -> str:
     rows = []
     notes = []
     for g in gpus:
-        hosted = " ".join(f"{r.get('model')}#{r.get('index')}" for r in g.get("replicas") or []) or "-"
+        hosted = " ".join(_hosted(r) for r in g.get("replicas") or []) or "-"
         rows.append(
             [
                 g.get("index"),
@@ -226,11 +246,44 @@ def format_gpus(body: Mapping[str, Any]) -> str:
         )
         if g.get("ok") is False:
             notes.append(f"GPU {g.get('index')} is not usable: {g.get('reason') or 'no reason was given'}.")
-    text = table(["INDEX", "NAME", "TOTAL", "USED-BY-OTHERS", "RESERVED", "AVAILABLE", "REPLICAS"], rows)
+    headers = ["INDEX", "NAME", "TOTAL", "USED-BY-OTHERS", "RESERVED", "AVAILABLE", "REPLICAS"]
+    text = table(headers, rows)
     return text + ("\n\n" + "\n".join(notes) if notes else "")
 
 
+def _bytes(value: Any) -> str:
+    return f"{value:,} bytes" if isinstance(value, int) and not isinstance(value, bool) else "-"
+
+
+def format_estimate(est: Mapping[str, Any]) -> str:
+    """The `--vram auto` breakdown (SPEC §11) as a table: each part, its size and where it comes from."""
+    gpus = est.get("gpus_per_replica") or 1
+    kv_bytes = None
+    if all(isinstance(est.get(k), int) for k in ("kv_bytes_per_token", "context_tokens", "sequences")):
+        kv_bytes = est["kv_bytes_per_token"] * est["context_tokens"] * est["sequences"]
+    per_token = (f"{_size(est.get('kv_bytes_per_token'))}/token (2 × {est.get('layers', '-')} layers × "
+                 f"{est.get('kv_heads', '-')} KV heads × {est.get('head_dim', '-')} × "
+                 f"{est.get('kv_dtype_bytes', '-')} B)")
+    context = f"{est.get('context_tokens', '-')} tokens ({est.get('context_from') or '-'})"
+    sequences = est.get("sequences", "-")
+    split = f" ÷ {gpus} GPUs" if gpus != 1 else ""
+    rows = [
+        ["weights", _size(est.get("weights_bytes")), f"{_bytes(est.get('weights_bytes'))}: the tensors in the "
+                                                     f"{est.get('format') or '-'} headers"],
+        ["KV cache", _size(kv_bytes), f"{per_token} × {context} × {sequences} sequences"],
+        ["overhead", _size(est.get("overhead_bytes")), "per GPU: CUDA context, activations, graphs"],
+        ["per GPU", _size(est.get("per_gpu_bytes")),
+         f"(weights + KV cache){split} + overhead, rounded up to a MiB"],
+    ]
+    head = f"Estimate (--vram auto) from {est.get('source') or '-'}:"
+    return "\n".join([head, "", table(["PART", "SIZE", "HOW"], rows)])
+
+
 def format_plan(plan: Mapping[str, Any]) -> str:
+    estimate = plan.get("estimate")
+    if estimate:
+        rest = format_plan({k: v for k, v in plan.items() if k != "estimate"})
+        return format_estimate(estimate) + "\n\n" + rest
     if not plan.get("fits"):
         return f"Does not fit: {plan.get('reason') or 'no reason was given'}"
     replicas = plan.get("replicas") or []

@@ -9,8 +9,12 @@ import os
 from typing import Any
 
 from gpud.errors import InvalidInput
+from gpud.estimate.refusal import NEEDS_MODEL
 from gpud.spec import (
+    MAX_CONTEXT_TOKENS,
+    MAX_KV_SEQUENCES,
     MAX_REPLICAS,
+    VRAM_AUTO,
     default_name,
     is_local_path,
     parse_env_assignment,
@@ -63,10 +67,19 @@ def placement_fields(ns: argparse.Namespace) -> dict[str, Any]:
     k = whole(ns.gpus_per_replica, "--gpus-per-replica", 1, 64)
     if k is not None:
         body["gpus_per_replica"] = k
+    auto = ns.vram is not None and ns.vram.strip().lower() == VRAM_AUTO
     if ns.vram is not None:
-        if parse_size(ns.vram, what="--vram") <= 0:
+        if not auto and parse_size(ns.vram, what="--vram") <= 0:
             raise InvalidInput(f"Invalid --vram {ns.vram!r}: it must be more than 0 bytes.")
-        body["vram"] = ns.vram
+        body["vram"] = VRAM_AUTO if auto else ns.vram
+    context = whole(ns.context_tokens, "--context-tokens", 1, MAX_CONTEXT_TOKENS)
+    sequences = whole(ns.kv_sequences, "--kv-sequences", 1, MAX_KV_SEQUENCES)
+    if (context is not None or sequences is not None) and not auto:
+        raise InvalidInput("--context-tokens and --kv-sequences only apply with --vram auto.")
+    if context is not None:
+        body["context_tokens"] = context
+    if sequences is not None:
+        body["kv_sequences"] = sequences
     if ns.gpu_idx is not None:
         body["gpu_idx"] = parse_gpu_idx(ns.gpu_idx)
     if ns.placement is not None:
@@ -83,6 +96,18 @@ def model_source(model: str) -> str:
             raise InvalidInput(f"Invalid MODEL {model!r}: no such file or directory ({path}).")
         return path
     return validate_model_name(model, what="MODEL")
+
+
+def plan_body(ns: argparse.Namespace) -> dict[str, Any]:
+    """The POST /v1/plan body for `gpud plan [MODEL] … [-- ENGINE_ARGS…]`."""
+    body = placement_fields(ns)
+    if ns.model is not None:
+        body["model"] = model_source(ns.model)
+    elif body.get("vram") == VRAM_AUTO:
+        raise InvalidInput(NEEDS_MODEL)
+    if ns.engine_args:
+        body["args"] = list(ns.engine_args)
+    return body
 
 
 def start_body(ns: argparse.Namespace) -> dict[str, Any]:

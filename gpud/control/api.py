@@ -158,7 +158,7 @@ class ControlAPI:
         return web.json_response(self.service.show(model), status=201)
 
     async def plan(self, request: web.Request) -> web.Response:
-        return web.json_response(self.service.plan(await _json_body(request)))
+        return web.json_response(await self.service.plan(await _json_body(request)))
 
     async def model_route(self, request: web.Request) -> web.StreamResponse:
         # Names may hold "/" (Hugging Face ids), URL-encoded as %2F: split the raw path, then decode.

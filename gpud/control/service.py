@@ -13,22 +13,28 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from gpud.config import Settings
 from gpud.control.state import StateStore
 from gpud.errors import Conflict, DoesNotFit, GpudError, InvalidInput, NotFound, Unavailable
+from gpud.estimate.measured import with_measured
+from gpud.estimate.refusal import NEEDS_MODEL
+from gpud.estimate.request import resolve
 from gpud.gpus.ledger import Ledger, Reservation
 from gpud.gpus.placement import PlacementRequest, ReplicaPlacement, place, plan_json
 from gpud.registry import Model, Operation, Registry, Replica, ReplicaState
-from gpud.spec import MAX_REPLICAS, ModelSpec
+from gpud.spec import MAX_REPLICAS, VRAM_AUTO, ModelSpec
 from gpud.supervise.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
 
 def placement_request(spec: ModelSpec, replicas: int, multi_replica: bool) -> PlacementRequest:
+    if spec.needs_estimate:  # a bug, not a user error: unestimated "auto" would silently mean whole GPUs
+        raise ValueError(f"model {spec.name!r}: vram auto must be estimated before it is placed")
     return PlacementRequest(
         replicas=replicas,
         gpus_per_replica=spec.gpus_per_replica,
@@ -75,7 +81,12 @@ class ModelService:
         return model
 
     def show(self, model: Model) -> dict[str, Any]:
-        return model.to_json(self.endpoint)
+        return with_measured(model.to_json(self.endpoint), self.ledger)
+
+    def _estimated(self, spec: ModelSpec) -> ModelSpec:
+        """SPEC §11: a `vram: "auto"` spec with its estimate made from the model's files, read where its
+        replicas will look (the daemon's env, then [env], then the model's)."""
+        return resolve(spec, self.settings.estimate, daemon_env=os.environ, config_env=self.settings.env)
 
     # ---- placement ----------------------------------------------------------------------------------
     def _place(self, spec: ModelSpec, replicas: int, first_index: int) -> list[ReplicaPlacement]:
@@ -83,15 +94,20 @@ class ModelService:
         request = placement_request(spec, replicas, self.settings.multi_replica)
         return place(request, self.ledger.views(), first_index=first_index)
 
-    def plan(self, body: Any) -> dict[str, Any]:
+    async def plan(self, body: Any) -> dict[str, Any]:
         if isinstance(body, dict) and "model" not in body:
+            if str(body.get("vram")).strip().lower() == VRAM_AUTO:
+                raise InvalidInput(NEEDS_MODEL)
             body = {**body, "model": "plan"}
         spec = ModelSpec.from_json(body)
+        if spec.needs_estimate:
+            spec = await asyncio.to_thread(self._estimated, spec)
+        estimate = None if spec.estimate is None else spec.estimate.to_json()
         try:
             placements = self._place(spec, spec.replicas, 0)
         except DoesNotFit as exc:
-            return exc.details.get("plan") or plan_json(None, exc.message)
-        return plan_json(placements, None)
+            return {**(exc.details.get("plan") or plan_json(None, exc.message)), "estimate": estimate}
+        return {**plan_json(placements, None), "estimate": estimate}
 
     # ---- reservations: taken and released here only ---------------------------------------------------
     def _reserve(self, spec: ModelSpec, placements: list[ReplicaPlacement]) -> None:
@@ -117,6 +133,9 @@ class ModelService:
     # ---- operations ---------------------------------------------------------------------------------
     async def start_model(self, spec: ModelSpec, *, declared: bool = False, restoring: bool = False) -> Model:
         self._check_open()
+        if spec.needs_estimate:  # header reads only, but a cold network disk must not stall the loop
+            spec = await asyncio.to_thread(self._estimated, spec)
+            self._check_open()
         if spec.name in self.registry.models:
             raise Conflict(f"A model named {spec.name!r} is already running; stop it first or pick another --name.")
         placements = self._place(spec, spec.replicas, 0)

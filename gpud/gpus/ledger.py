@@ -38,6 +38,10 @@ class OwnedPids:
     def all(self) -> frozenset[int]:
         return frozenset().union(*self._by_replica.values())
 
+    def of(self, model: str, index: int) -> frozenset[int]:
+        """The pids of one replica's process tree (empty when it has none)."""
+        return self._by_replica.get((model, index), frozenset())
+
 
 @dataclass(frozen=True)
 class Reservation:
@@ -119,6 +123,20 @@ class Ledger:
         device = self._device(index)
         ours = sum(p.used_bytes for p in device.processes if p.pid in self._owned)
         return max(0, device.used_bytes - ours)
+
+    def measured(self, model: str, replica: int) -> dict[int, int] | None:
+        """What the processes of one replica use on each GPU of its reservation, as the driver last reported
+        it (GPU index → bytes). None when that cannot be known: on the sim backend (its readings list no
+        processes), or when the replica holds no reservation or has no process yet."""
+        pids = self._owned_pids.of(model, replica)
+        reservation = self._reservations.get((model, replica))
+        if self._backend.kind == "sim" or not pids or reservation is None:
+            return None
+        return {
+            index: sum(p.used_bytes for p in self._devices[index].processes if p.pid in pids)
+            if index in self._devices else 0
+            for index in reservation.gpus
+        }
 
     def reserved(self, index: int) -> int:
         """Σ gpud reservations on GPU `index`."""
@@ -217,9 +235,14 @@ class Ledger:
                     "used_by_others_bytes": self.used_by_others(index),
                     "reserved_bytes": self.reserved(index),
                     "available_bytes": max(0, self.available(index)),
-                    "replicas": [{"model": r.model, "index": r.replica} for r in self._holders(index)],
+                    "replicas": [self._holder_json(r, index) for r in self._holders(index)],
                     "ok": device.ok,
                     "reason": device.reason,
                 }
             )
         return {"gpus": gpus}
+
+    def _holder_json(self, r: Reservation, index: int) -> dict[str, Any]:
+        measured = self.measured(r.model, r.replica)
+        return {"model": r.model, "index": r.replica, "reserved_bytes": r.on(index),
+                "measured_bytes": None if measured is None else measured.get(index)}

@@ -69,7 +69,7 @@ def test_plan_shapes(daemon: Daemon) -> None:
     assert fits == {"fits": True, "reason": None, "replicas": [
         {"index": 0, "gpus": [0], "vram_bytes": 20 * 2**30},
         {"index": 1, "gpus": [1], "vram_bytes": 20 * 2**30},
-        {"index": 2, "gpus": [0], "vram_bytes": 20 * 2**30}]}
+        {"index": 2, "gpus": [0], "vram_bytes": 20 * 2**30}], "estimate": None}  # SPEC §11: null without auto
     refused = daemon.client.request("POST", "/v1/plan", {"replicas": 2, "vram": "79.9GiB"})
     assert refused["fits"] is False and refused["replicas"] == [] and "GPU0" in refused["reason"]
 

@@ -227,7 +227,10 @@ def test_to_json_shape() -> None:
                 "index": 0, "name": "Simulated GPU 24GiB", "uuid": "GPU-sim-0000-0000-0000-000000000000",
                 "total_bytes": 24 * GiB, "used_by_others_bytes": GiB, "reserved_bytes": 8 * GiB,
                 "available_bytes": 14 * GiB,
-                "replicas": [{"model": "chat", "index": 0}, {"model": "chat", "index": 1}],
+                "replicas": [  # measured_bytes: null on the sim backend (tests/estimate/test_measured.py: NVML)
+                    {"model": "chat", "index": 0, "reserved_bytes": 4 * GiB, "measured_bytes": None},
+                    {"model": "chat", "index": 1, "reserved_bytes": 4 * GiB, "measured_bytes": None},
+                ],
                 "ok": True, "reason": None,
             },
             {
