@@ -2,6 +2,7 @@
 // actions, sent to the control API through /api/v1/… (the daemon validates; its message is shown as is).
 // Text from the daemon is always set with textContent, never parsed as HTML.
 
+import { estimateText, exitShort, modelMeta } from "./describe.js";
 import { formatDuration, formatSize, startBody } from "./format.js";
 import { gpuLayout } from "./ledger.js";
 
@@ -230,32 +231,6 @@ function stateBadge(value, kind = "model") {
   return h("span", { class: `badge ${kind}-state state-${value}`, text: value });
 }
 
-function exitShort(last) {
-  if (!last) return "–";
-  if (last.signal) return last.signal;
-  if (last.code !== null && last.code !== undefined) return `code ${last.code}`;
-  return "?";
-}
-
-function estimateText(e, k) {
-  const kv = (e.kv_bytes_per_token ?? 0) * (e.context_tokens ?? 0) * (e.sequences ?? 0);
-  const split = k > 1 ? ` ÷ ${k} GPUs` : "";
-  return `vram auto: ${formatSize(e.per_gpu_bytes)} per GPU = (weights ${formatSize(e.weights_bytes)} + KV ${formatSize(e.kv_bytes_per_token)}/token × ${e.context_tokens} tokens × ${e.sequences} sequences = ${formatSize(kv)})${split} + overhead ${formatSize(e.overhead_bytes)}`;
-}
-
-function modelMeta(m) {
-  const bits = [m.engine];
-  if (m.model && m.model !== m.name) bits.push(m.model);
-  bits.push(typeof m.vram_bytes === "number" ? `${formatSize(m.vram_bytes)} per GPU` : "whole GPUs");
-  if (m.gpus_per_replica > 1) bits.push(`${m.gpus_per_replica} GPUs per replica`);
-  if (m.placement) bits.push(m.placement);
-  if (m.routing) bits.push(`routing ${m.routing}`);
-  if (m.idle_timeout_sec) bits.push(`idle after ${formatDuration(m.idle_timeout_sec)}`);
-  if (m.on_demand) bits.push("on demand");
-  if (m.max_replicas) bits.push(`up to ${m.max_replicas} replicas`);
-  return bits.filter(Boolean).join(" · ");
-}
-
 function createCard(name) {
   const safeId = `m-${[...name].map((c) => (/[A-Za-z0-9_-]/.test(c) ? c : "_")).join("")}-${cards.size}`;
   const replicasInput = h("input", { type: "number", min: "1", name: "replicas", id: `${safeId}-replicas`, inputmode: "numeric" });
@@ -265,7 +240,7 @@ function createCard(name) {
   const status = h("span", { class: "muted action-status", "aria-live": "polite" });
   const card = { name, replicasInput, rolling, error, status, rows: new Map() };
 
-  const scaleForm = h("form", { class: "scale", onsubmit: (e) => { e.preventDefault(); scale(card); } },
+  const scaleForm = h("form", { class: "scale", novalidate: true, onsubmit: (e) => { e.preventDefault(); scale(card); } },
     h("label", { for: replicasInput.id, text: "Replicas" }), replicasInput,
     h("button", { type: "submit", "aria-label": `Scale ${name}`, text: "Scale" }));
   card.restartBtn = h("button", { type: "button", "aria-label": `Restart ${name}`, text: "Restart", onclick: () => restart(card) });
