@@ -176,8 +176,8 @@ class Dashboard:
             async with contextlib.aclosing(feed) as pages:
                 async for name, data in pages:
                     await response.write(b": ping\n\n" if name == "ping" else sse_frame(name, data))
-        except (ConnectionResetError, asyncio.CancelledError):
-            pass  # the page was closed
+        except ConnectionResetError:
+            pass  # the page was closed (a cancellation, with handler_cancellation, ends the handler as well)
         return response
 
     async def logs(self, request: web.Request) -> web.StreamResponse:
@@ -198,7 +198,7 @@ class Dashboard:
         except GpudError as exc:
             # EventSource cannot read an HTTP error, so the daemon's refusal comes as an event.
             await response.write(sse_frame("failure", {"message": exc.message}))
-        except (ConnectionResetError, asyncio.CancelledError):
+        except ConnectionResetError:
             pass
         return response
 

@@ -186,3 +186,10 @@ def test_a_bad_listen_address_is_exit_2_and_a_taken_one_exit_1() -> None:
         done = run_ui("--listen", f"127.0.0.1:{port}")
     assert done.returncode == 1
     assert f"gpud ui cannot listen on 127.0.0.1:{port}" in done.stderr and done.stdout == ""
+
+
+def test_the_cli_imports_aiohttp_only_when_gpud_ui_runs() -> None:
+    code = ("import sys; from gpud.cli.parser import parse; ns = parse(['ui', '--no-open']); "
+            "print(ns.func.__name__, sorted(m for m in ('aiohttp', 'gpud.ui.server') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert done.stdout.split() == ["cmd_ui", "[]"], done.stderr
