@@ -91,8 +91,8 @@ def decide(
 ) -> Decision:
     """Check one request against the token, the cookie and (for writes) its origin.
 
-    `fetch_site` is the Sec-Fetch-Site header, when the browser sent one: anything but `same-origin` (or
-    `none`, a URL typed or clicked in a terminal) on a write is refused as well.
+    `fetch_site` is the Sec-Fetch-Site header, when the browser sent one: a write marked anything but
+    `same-origin` is refused as well.
     """
     by_query = _same(token, query_token)
     by_cookie = _same(token, cookies.get(cookie_name(token)))
