@@ -113,6 +113,23 @@ class ProxySettings:
 
 
 @dataclass(frozen=True)
+class UiSettings:
+    """SPEC §15 `gpud ui`: the dashboard's own server (it is a client of the control API, not the daemon)."""
+
+    listen_host: str = "127.0.0.1"  # loopback: the page can do what its user can do on the socket
+    listen_port: int = 8765
+    # Counters that change without an event (in-flight requests, memory used by other processes) are
+    # re-read this often while a page is open; state changes come from /v1/events at once.
+    refresh_sec: float = 2.0
+    log_lines: int = 200           # the tail a log view starts with (a huge log is never sent whole)
+    log_line_chars: int = 4000     # longer lines are cut, so one runaway line cannot flood the page
+
+    @property
+    def listen(self) -> str:
+        return f"{self.listen_host}:{self.listen_port}"
+
+
+@dataclass(frozen=True)
 class EstimateSettings:
     """SPEC §11 `[estimate]`: what `--vram auto` assumes when the request does not say."""
 

@@ -137,6 +137,9 @@ def test_the_package_holds_the_venv_the_command_the_unit_and_a_conffile(deb: Pat
     # Bytecode is shipped (/opt is read-only for the service) and names the installed paths.
     pycs = list((unpacked / "opt/gpud/lib").glob("python3*/site-packages/gpud/cli/__pycache__/main.*.pyc"))
     assert pycs and b"/opt/gpud/lib/" in pycs[0].read_bytes() and b"gpud-deb." not in pycs[0].read_bytes()
+    # `gpud ui` serves its page from the package: the static files must be in it.
+    static = list((unpacked / "opt/gpud/lib").glob("python3*/site-packages/gpud/ui/static"))
+    assert static and {"index.html", "app.js", "app.css"} <= {p.name for p in static[0].iterdir()}
 
 
 @needs_dpkg

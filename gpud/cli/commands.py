@@ -15,7 +15,7 @@ from typing import Any
 from gpud.cli import render
 from gpud.cli.client import Client, StreamTimeout, model_path
 from gpud.cli.requests import plan_body, seconds, start_body, whole
-from gpud.config import DEFAULT_HEADROOM_BYTES, default_socket_path, multi_replica_from_env
+from gpud.config import DEFAULT_HEADROOM_BYTES, default_socket_path, multi_replica_from_env, parse_listen
 from gpud.errors import DaemonUnreachable, DoesNotFit, GpudError, InvalidInput
 from gpud.spec import MAX_REPLICAS
 from gpud.units import parse_size
@@ -178,6 +178,15 @@ def cmd_logs(ns: argparse.Namespace) -> int:
         lines.close()
     sys.stdout.flush()
     return 0
+
+
+def cmd_ui(ns: argparse.Namespace) -> int:
+    """`gpud ui`: the dashboard's server runs in this process until Ctrl-C (aiohttp is imported only here)."""
+    from gpud.ui.server import run_ui
+
+    if ns.listen is not None:
+        parse_listen(ns.listen, what="--listen")  # a bad address is exit 2 before anything starts
+    return run_ui(ns.socket or default_socket_path(), ns.listen, not ns.no_open)
 
 
 def local_plan(spec: str, body: Mapping[str, Any], headroom_bytes: int, multi_replica: bool) -> dict[str, Any]:

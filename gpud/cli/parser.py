@@ -8,6 +8,7 @@ from typing import Any
 from gpud import __version__
 from gpud.cli import commands, render
 from gpud.cli.commands import WAIT_TIMEOUTS
+from gpud.config import UiSettings
 from gpud.engines import ENGINES
 from gpud.gpus.placement import POLICIES
 
@@ -131,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output(p)
     p.set_defaults(func=commands.cmd_plan)
     _read_command(sub, "status", "daemon version, uptime and counts", "GET", "/v1/status", render.format_status)
+    p = sub.add_parser("ui", help="serve a live web page of this box (GPUs, models, actions)")
+    p.add_argument("--listen", metavar="HOST:PORT", help=f"where the page is served (default {UiSettings().listen}: "
+                   "this machine only)")
+    p.add_argument("--no-open", action="store_true", help="do not open a browser; only print the URL")
+    p.set_defaults(func=commands.cmd_ui)
     venv = sub.add_parser("venv", help="cached virtualenvs").add_subparsers(
         dest="venv_cmd", metavar="ACTION", required=True, parser_class=_Parser
     )
