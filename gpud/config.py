@@ -106,6 +106,8 @@ class ProxySettings:
     # Proxy worker processes sharing the listen address (SPEC §14); `auto` in a file or GPUD_PROXY_WORKERS
     # is resolved when the settings are read (half the CPUs, 1 to MAX_PROXY_WORKERS).
     workers: int = 1
+    # SPEC §13: prefix blocks the `prefix` routing policy remembers (per worker), least recently used dropped.
+    prefix_table_blocks: int = 100_000
 
     @property
     def listen(self) -> str:
@@ -167,6 +169,7 @@ _SECTIONS: dict[str, dict[str, tuple[type, ...]]] = {
         "client_timeout_sec": _NUMBER,
         "max_connections": (int,),
         "workers": (int, str),
+        "prefix_table_blocks": (int,),
     },
     "estimate": {"kv_sequences": (int,), "overhead": (str, int)},
     "supervisor": {
@@ -265,6 +268,10 @@ def _proxy_settings(data: Mapping[str, Any], listen: str | None, environ: Mappin
         if proxy["max_connections"] < 0:
             raise InvalidInput(f"Config key 'proxy.max_connections'{where} cannot be negative (0: automatic).")
         given["max_connections"] = proxy["max_connections"]
+    if "prefix_table_blocks" in proxy:
+        if proxy["prefix_table_blocks"] < 1:
+            raise InvalidInput(f"Config key 'proxy.prefix_table_blocks'{where} must be at least 1.")
+        given["prefix_table_blocks"] = proxy["prefix_table_blocks"]
     if environ.get("GPUD_PROXY_WORKERS"):
         given["workers"] = resolve_workers(environ["GPUD_PROXY_WORKERS"], what="GPUD_PROXY_WORKERS")
     elif "workers" in proxy:

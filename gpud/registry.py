@@ -133,6 +133,7 @@ class Model:
             "unset_env": list(spec.unset_env),
             "venv": self.venv,
             "placement": spec.placement,
+            "routing": spec.routing,
             "gpus_per_replica": spec.gpus_per_replica,
             "vram_bytes": spec.vram_bytes,
             "estimate": None if spec.estimate is None else spec.estimate.to_json(),

@@ -18,6 +18,9 @@ from gpud.estimate.formula import Estimate
 from gpud.gpus.placement import POLICIES
 from gpud.units import parse_size
 
+# SPEC §13: how a model's requests pick a replica (gpud.proxy.routing); least connections by default.
+ROUTING_POLICIES = ("least-conn", "session", "prefix")
+DEFAULT_ROUTING = "least-conn"
 MANAGED_ENV = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "GPUD_MODEL", "GPUD_REPLICA", "GPUD_PORT")
 MAX_REPLICAS = 1024
 VRAM_AUTO = "auto"  # SPEC §11: the reservation computed from the model's files
@@ -31,7 +34,7 @@ _SECRET_RE = re.compile(r"TOKEN|KEY|SECRET|PASSWORD", re.IGNORECASE)
 _FIELDS = (
     "name", "model", "engine", "replicas", "gpus_per_replica", "vram", "gpu_idx", "placement",
     "env", "unset_env", "venv", "args", "command", "health_path", "start_timeout_sec",
-    "context_tokens", "kv_sequences",
+    "context_tokens", "kv_sequences", "routing",
 )
 
 
@@ -179,6 +182,7 @@ class ModelSpec:
     command: str | None = None
     health_path: str = "/health"
     start_timeout_sec: float | None = None
+    routing: str = DEFAULT_ROUTING
     # SPEC §11 `vram: "auto"`: vram_bytes is the estimate's per_gpu_bytes once `estimate` is made (at start).
     vram_auto: bool = False
     context_tokens: int | None = None
@@ -260,6 +264,9 @@ class ModelSpec:
         unset = _str_list(body, "unset_env")
         for key in unset:
             validate_env_name(key, what="unset_env")
+        routing = body.get("routing", DEFAULT_ROUTING)
+        if routing not in ROUTING_POLICIES:
+            raise InvalidInput(f"Unknown routing {routing!r}: use one of {', '.join(ROUTING_POLICIES)}.")
         spec = cls(
             name=name,
             model=model,
@@ -276,6 +283,7 @@ class ModelSpec:
             command=command,
             health_path=health_path,
             start_timeout_sec=None if timeout is None else float(timeout),
+            routing=routing,
             vram_auto=vram_auto,
             context_tokens=context_tokens,
             kv_sequences=kv_sequences,

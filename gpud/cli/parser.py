@@ -11,6 +11,7 @@ from gpud.cli.commands import WAIT_TIMEOUTS
 from gpud.config import UiSettings
 from gpud.engines import ENGINES
 from gpud.gpus.placement import POLICIES
+from gpud.spec import ROUTING_POLICIES
 
 
 class UsageError(Exception):
@@ -97,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--health-path", metavar="PATH", help="readiness path polled until it answers 200 (default /health)")
     p.add_argument("--start-timeout", metavar="S", help="seconds a replica may take to become ready "
                    "(default: the engine's, 600 for vllm and command)")
+    p.add_argument("--routing", choices=ROUTING_POLICIES,
+                   help="least-conn (default), session (X-Session-ID or user) or prefix (the prompt's prefix)")
     _add_wait(p, "start")
     p.set_defaults(func=commands.cmd_start)
     _read_command(model, "list", "list models", "GET", "/v1/models", render.format_model_list)

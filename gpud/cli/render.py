@@ -108,6 +108,8 @@ def format_model_show(show: Mapping[str, Any]) -> str:
         ("Ready", f"{show.get('replicas_ready', 0)}/{show.get('replicas_desired', 0)} replicas"),
         ("Endpoint", show.get("endpoint")),
     ]
+    if show.get("routing") not in (None, "least-conn"):
+        fields.append(("Routing", show.get("routing")))
     env = show.get("env") or {}
     if env:
         fields.append(("Env", " ".join(f"{k}={v}" for k, v in env.items())))

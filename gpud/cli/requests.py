@@ -142,6 +142,8 @@ def start_body(ns: argparse.Namespace) -> dict[str, Any]:
         body["command"] = ns.command
     if ns.health_path is not None:
         body["health_path"] = ns.health_path
+    if ns.routing is not None:
+        body["routing"] = ns.routing
     start_timeout = seconds(ns.start_timeout, "--start-timeout")
     if start_timeout is not None:
         body["start_timeout_sec"] = start_timeout

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from gpud.proxy.upstream import Framing
 
@@ -143,20 +144,37 @@ def sse_error_event(message: str) -> bytes:
     return b"data: %s\n\n" % error_body(message, "server_error", "upstream_error")
 
 
-def model_from_body(body: bytes, encoding: bytes | None) -> tuple[str | None, str]:
-    """The JSON body's "model", or None and the sentence that says what is wrong with the request."""
+NOT_PARSED = object()  # a body nobody needed to parse (routed by the header)
+
+
+def _compressed(encoding: bytes | None) -> bool:
+    return encoding is not None and encoding.strip().lower() not in (b"", b"identity")
+
+
+def parse_body(body: bytes, encoding: bytes | None) -> Any:
+    """The JSON body, or None when it is compressed, empty or not JSON (routing then falls back)."""
+    if not body or _compressed(encoding):
+        return None
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; deep nesting a RecursionError
+        return None
+
+
+def model_from_body(body: bytes, encoding: bytes | None) -> tuple[str | None, str, Any]:
+    """The JSON body's "model" (and the parsed body), or None and the sentence that says what is wrong."""
     if not body:
-        return None, f'No model given: set the {MODEL_HEADER} header or send a JSON body with a "model" field.'
-    if encoding is not None and encoding.strip().lower() not in (b"", b"identity"):
+        return None, f'No model given: set the {MODEL_HEADER} header or send a JSON body with a "model" field.', None
+    if _compressed(encoding):
         # Bodies are forwarded as sent; decompressing one only to route it would let a small request
         # expand into gigabytes. The header routes it without reading it.
-        shown = encoding.decode("latin-1")
-        return None, f"The request body is compressed ({shown}): set the {MODEL_HEADER} header to route it."
+        shown = (encoding or b"").decode("latin-1")
+        return None, f"The request body is compressed ({shown}): set the {MODEL_HEADER} header to route it.", None
     try:
         doc = json.loads(body)
-    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; deep nesting a RecursionError
-        return None, "The request body is not valid JSON."
+    except (ValueError, RecursionError):
+        return None, "The request body is not valid JSON.", None
     model = doc.get("model") if isinstance(doc, dict) else None
     if not isinstance(model, str) or not model:
-        return None, f'No model given: the JSON body needs a "model" string (or set the {MODEL_HEADER} header).'
-    return model, ""
+        return None, f'No model given: the JSON body needs a "model" string (or set the {MODEL_HEADER} header).', doc
+    return model, "", doc

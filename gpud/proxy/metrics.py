@@ -90,8 +90,13 @@ class RequestMetrics:
         self.ttfb = Histogram(
             "gpud_proxy_ttfb_seconds", "Streaming responses: time from request arrival to the first body chunk.",
             labels, buckets=TTFB_BUCKETS, registry=own)
+        self.routes = Counter(
+            "gpud_route", "Routing decisions of the session and prefix policies (SPEC §13): hit (where the key or "
+            "prefix pointed), miss (nothing known: least connections), overflow (that replica was overloaded or "
+            "not ready: least connections).", ("model", "policy", "outcome"), registry=own)
         self._own = own
         self._series: dict[tuple[str, str], Series] = {}
+        self._route_children: dict[tuple[str, str, str], Any] = {}
 
     def series(self, model: str, replica: int | str = "") -> Series:
         """The cached metric children for a model and a replica index ("" when no replica was chosen)."""
@@ -101,11 +106,20 @@ class RequestMetrics:
             found = self._series[key] = Series(self, *key)
         return found
 
+    def route(self, model: str, policy: str, outcome: str) -> None:
+        key = (model, policy, outcome)
+        child = self._route_children.get(key)
+        if child is None:
+            child = self._route_children[key] = self.routes.labels(*key)
+        child.inc()
+
     def forget(self, live: Iterable[str]) -> None:
         """Drop the cached children of models that are gone (the labels stay bounded in a worker's life)."""
         keep = set(live) | {""}
         for key in [k for k in self._series if k[0] not in keep]:
             del self._series[key]
+        for route in [k for k in self._route_children if k[0] not in keep]:
+            del self._route_children[route]
 
     def render(self, table: RouteTable, counters: Counters) -> tuple[bytes, str]:
         """The Prometheus text exposition and its content type."""

@@ -30,7 +30,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import unquote
 
 from gpud.config import ProxySettings
@@ -41,14 +41,24 @@ from gpud.proxy.counters import Counters
 from gpud.proxy.guard import Refused, auto_max_connections, listen_socket
 from gpud.proxy.message import (
     MODEL_HEADER_LOWER,
+    NOT_PARSED,
     client_head,
     error_response,
     model_from_body,
+    parse_body,
     simple_response,
     sse_error_event,
     upstream_head,
 )
 from gpud.proxy.metrics import RequestMetrics, Series
+from gpud.proxy.routing import (
+    SESSION_HEADER,
+    PrefixTable,
+    SessionTable,
+    block_hashes,
+    prompt_text,
+    session_key,
+)
 from gpud.proxy.table import ModelRoute, RouteTable
 from gpud.proxy.upstream import (
     BrokenResponse,
@@ -60,6 +70,7 @@ from gpud.proxy.upstream import (
     UpstreamConnection,
     UpstreamTimeout,
 )
+from gpud.spec import DEFAULT_ROUTING
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +104,9 @@ class Proxy:
         self.metrics = metrics or RequestMetrics()
         self.table = RouteTable()
         self._keys = tuple(k.encode() for k in settings.api_keys if k)
+        # SPEC §13: this worker's tables (each worker keeps its own).
+        self.sessions = SessionTable()
+        self.prefixes = PrefixTable(settings.prefix_table_blocks)
         self._unrouted = self.metrics.series("")
         self._pool: Pool | None = None
         self._server: asyncio.Server | None = None
@@ -173,11 +187,11 @@ class Proxy:
         if self._keys and not self._authorized(request):
             self._refuse(conn, request, self._unauthorized())
             return
-        name = self._model_name(request)
-        if isinstance(name, bytes):  # the request names no model: an error answer
+        name, doc = self._model_name(request)
+        if name is None:  # the request names no model: `doc` is the error answer
             self._unrouted.error("bad_request")
             self._unrouted.request(400)
-            self._refuse(conn, request, name)
+            self._refuse(conn, request, doc)
             return
         route = self.table.models.get(name)
         if route is None:
@@ -185,7 +199,7 @@ class Proxy:
             self._unrouted.request(404)
             self._refuse(conn, request, _model_not_found(name))
             return
-        await self._forward(conn, request, route, started)
+        await self._forward(conn, request, route, started, doc)
 
     # -- local routes ------------------------------------------------------------------------------------
 
@@ -211,16 +225,34 @@ class Proxy:
             return _model_not_found(name)
         return simple_response(200, json.dumps(_model_object(route)).encode(), keep_alive=request.keep_alive)
 
-    def _model_name(self, request: Request) -> str | bytes:
-        """The model a request is for, or the (bytes) error answer that says why there is none."""
+    def _model_name(self, request: Request) -> tuple[str, Any] | tuple[None, bytes]:
+        """(the model a request is for, its parsed body when it had to be parsed for that, else NOT_PARSED),
+        or (None, the error answer that says why there is none)."""
         header = request.header(MODEL_HEADER_LOWER)
         if header is not None:
-            return header.decode("utf-8", "replace")
-        name, problem = model_from_body(request.body, request.header(b"content-encoding"))
+            return header.decode("utf-8", "replace"), NOT_PARSED
+        name, problem, doc = model_from_body(request.body, request.header(b"content-encoding"))
         if name is not None:
-            return name
+            return name, doc
         code = "invalid_json" if problem.startswith("The request body is not") else "model_required"
-        return error_response(400, problem, "invalid_request_error", code)
+        return None, error_response(400, problem, "invalid_request_error", code)
+
+    def _route_key(self, request: Request, route: ModelRoute, doc: Any) -> Any:
+        """What the model's policy routes by: a session key, the prompt's block hashes, or None (least-conn).
+        The body is parsed here only for a policy that needs it and was not parsed for the model's name."""
+        policy = route.routing
+        if policy == "session":
+            header = request.header(SESSION_HEADER)
+            if header is None and doc is NOT_PARSED:
+                doc = parse_body(request.body, request.header(b"content-encoding"))
+            key = session_key(header, doc)
+            return None if key is None else (route.name, key)
+        if policy == "prefix":
+            if doc is NOT_PARSED:
+                doc = parse_body(request.body, request.header(b"content-encoding"))
+            text = prompt_text(doc)
+            return block_hashes(route.name, text) if text else []
+        return None
 
     def _authorized(self, request: Request) -> bool:
         scheme, _, token = (request.header(b"authorization") or b"").partition(b" ")
@@ -242,7 +274,8 @@ class Proxy:
 
     # -- forwarding --------------------------------------------------------------------------------------
 
-    async def _forward(self, conn: ClientConnection, request: Request, route: ModelRoute, started: float) -> None:
+    async def _forward(self, conn: ClientConnection, request: Request, route: ModelRoute, started: float,
+                       doc: Any) -> None:
         """Send the request to the best ready replica; retry others while no byte went to the client."""
         pool = self._pool
         assert pool is not None, "the proxy was not started"
@@ -254,8 +287,19 @@ class Proxy:
         decode = not request.http11  # an HTTP/1.0 client cannot take a chunked body
         excluded: set[int] = set()
         failures: list[str] = []
+        policy = route.routing
+        table: SessionTable | PrefixTable | None = None
+        key = None
+        if policy != DEFAULT_ROUTING and route.ready:
+            table = self.sessions if policy == "session" else self.prefixes
+            key = self._route_key(request, route, doc)
         while True:
-            replica, cursor = choose(route.ready, counters.inflight, counters.cursor(route.slot), excluded)
+            if table is not None and not excluded:  # the policy's choice; a retry goes by least connections
+                replica, cursor, outcome = table.choose(key, route.ready, counters.inflight,  # type: ignore[arg-type]
+                                                        counters.cursor(route.slot))
+                self.metrics.route(route.name, policy, outcome.value)
+            else:
+                replica, cursor = choose(route.ready, counters.inflight, counters.cursor(route.slot), excluded)
             if replica is None:
                 self._no_replica(conn, request, route.name, failures)
                 return
@@ -299,6 +343,8 @@ class Proxy:
                         502, f"Replica {replica.index} of model '{route.name}' sent an invalid response: {exc}",
                         "server_error", "upstream_error"))
                     return
+                if table is not None:
+                    table.served(key, replica.index)  # type: ignore[arg-type]  # the key follows the replica
                 await self._relay(conn, request, upstream, head, replica.index, route.name, series, started, decode)
                 return
             except asyncio.CancelledError:

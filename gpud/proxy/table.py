@@ -20,6 +20,7 @@ from typing import Any
 
 from gpud.proxy.counters import Counters
 from gpud.registry import Registry, ReplicaState
+from gpud.spec import DEFAULT_ROUTING
 
 log = logging.getLogger(__name__)
 READY = ReplicaState.READY.value
@@ -45,13 +46,15 @@ class ModelRoute:
     state: str  # ModelState value
     created: float
     replicas: tuple[ReplicaRoute, ...] = ()
+    routing: str = DEFAULT_ROUTING
     # The replicas in the balancer, in index order (a tuple built once per table, not per request).
     ready: tuple[ReplicaRoute, ...] = field(default=(), compare=False)
 
     @classmethod
-    def of(cls, name: str, slot: int, state: str, created: float, replicas: Iterable[ReplicaRoute]) -> ModelRoute:
+    def of(cls, name: str, slot: int, state: str, created: float, replicas: Iterable[ReplicaRoute],
+           routing: str = DEFAULT_ROUTING) -> ModelRoute:
         ordered = tuple(sorted(replicas, key=lambda r: r.index))
-        return cls(name, slot, state, created, ordered, tuple(r for r in ordered if r.ready))
+        return cls(name, slot, state, created, ordered, routing, tuple(r for r in ordered if r.ready))
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,7 @@ class RouteTable:
         return {
             "version": self.version,
             "models": [
-                {"name": m.name, "slot": m.slot, "state": m.state, "created": m.created,
+                {"name": m.name, "slot": m.slot, "state": m.state, "created": m.created, "routing": m.routing,
                  "replicas": [[r.index, r.port, r.slot, r.state, r.restarts] for r in m.replicas]}
                 for m in self.models.values()
             ],
@@ -82,7 +85,7 @@ class RouteTable:
     def from_obj(cls, data: Mapping[str, Any]) -> RouteTable:
         models = {
             m["name"]: ModelRoute.of(m["name"], m["slot"], m["state"], m["created"],
-                                     (ReplicaRoute(*r) for r in m["replicas"]))
+                                     (ReplicaRoute(*r) for r in m["replicas"]), m.get("routing", DEFAULT_ROUTING))
             for m in data["models"]
         }
         return cls(data["version"], models, tuple(data.get("gpus", ())))
@@ -162,7 +165,7 @@ class Feed:
                 replicas.append(ReplicaRoute(replica.index, replica.port, slots.replica(model.name, replica.index),
                                              replica.state.value, replica.restarts))
             models[model.name] = ModelRoute.of(model.name, slots.model(model.name), model.state().value,
-                                               model.created_at, replicas)
+                                               model.created_at, replicas, model.spec.routing)
         slots.keep_only(set(models), live)
         self._version += 1
         try:
