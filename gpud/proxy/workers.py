@@ -140,6 +140,7 @@ class ProxyWorkers:
 
     # ---- one worker -----------------------------------------------------------------------------------
     async def _spawn(self, worker: _Worker) -> None:
+        self._metrics_dir.mkdir(parents=True, exist_ok=True)  # a worker cannot start without it
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         settings = asdict(self.settings)
         job = {
