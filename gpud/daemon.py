@@ -1,7 +1,8 @@
 """`gpud daemon`: the composition root. Builds settings, ledger, supervisor, service, API and proxy; restores
 models; speaks sd_notify; stops everything in order on SIGTERM/SIGINT.
 
-Shutdown order: STOPPING=1 → the proxy stops accepting → every replica stops (drain, SIGTERM the tree,
+Shutdown order: STOPPING=1 → this node's workers leave the cluster gateway (when `[cluster]` is set) → the
+proxy stops accepting → every replica stops (drain, SIGTERM the tree,
 SIGKILL after stop_timeout_sec) → the control socket closes → exit 0.
 """
 
@@ -110,9 +111,16 @@ class Daemon:
         supervisor = Supervisor(registry, ledger, settings.supervisor, owned=owned, state_dir=settings.state_dir,
                                 config_env=settings.env, instance=instance,
                                 python_for=venvs.python_for, extra_env_for=venvs.extra_env_for)
+        registrar = None
+        if settings.cluster.enabled:
+            from gpud.cluster.registrar import Registrar
+
+            registrar = Registrar.for_daemon(settings, registry)
         service = ModelService(settings, registry, ledger, supervisor, StateStore(settings.state_dir),
-                               prepare=venvs.preparer(registry))
-        api = ControlAPI(service, registry, started=self.started, socket_group=settings.socket_group, venvs=venvs)
+                               prepare=venvs.preparer(registry),
+                               before_stop=registrar.deregister if registrar is not None else None)
+        api = ControlAPI(service, registry, started=self.started, socket_group=settings.socket_group, venvs=venvs,
+                         extra_status=lambda: {"cluster": registrar.status() if registrar is not None else None})
         metrics = Metrics(registry, ledger)
         proxy = Proxy(registry, settings.proxy, metrics=metrics, on_connect_failure=supervisor.connect_failed)
 
@@ -128,12 +136,17 @@ class Daemon:
             await self._restore(service)
             self.notifier.notify("READY=1", f"STATUS={_status_line(registry)}", f"MAINPID={os.getpid()}")
             background = [loop.create_task(self._housekeeping(registry, ledger))]
+            if registrar is not None:
+                background.append(loop.create_task(registrar.run(), name="cluster registrar"))
             await self._stop.wait()
             log.info("stopping: %d replicas", registry.counts()["replicas"])
             self.notifier.notify("STOPPING=1")
             api.close_streams()
             for task in background:
                 task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            if registrar is not None:
+                await registrar.close()  # while the proxy still serves: the gateway stops sending first
             await proxy.close()
             await service.shutdown()
         finally:

@@ -17,6 +17,10 @@ Slow and stuck clients (gpud.proxy.guard): a request head must arrive within `cl
 must keep coming, and a client must keep reading what it asked for, else its connection is cut; above
 `max_connections` new connections get a 503.
 
+Per-model routes (SPEC §16, the rules in gpud.proxy.paths): `/m/{NAME}/{rest}` is the request `/{rest}` for
+model NAME, whatever its header or body say, through the same `_proxy`/`_forward` path as every other request;
+only `GET /m/{NAME}/health` and `/m/{NAME}/v1/models` are answered here.
+
 Failure rules: nothing is retried once a byte of the response has gone to the client, and everything that
 fails before is retried on another ready replica when the replica may simply be gone: the connection could
 not be made (the replica is reported through `on_connect_failure`, which the supervisor uses to take it out
@@ -49,6 +53,8 @@ from gpud.proxy.message import (
     upstream_head_tail,
 )
 from gpud.proxy.metrics import Metrics
+from gpud.proxy.paths import PREFIX as MODEL_PREFIX
+from gpud.proxy.paths import ModelPath, model_health, split_model_path
 from gpud.proxy.relay import NullSeries, relay
 from gpud.proxy.upstream import (
     BrokenResponse,
@@ -178,6 +184,11 @@ class Proxy:
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         if self._listener is not None:
             self._listener.request_seen(request)
+        raw_path = request.raw_path
+        if raw_path.startswith(MODEL_PREFIX):
+            routed = split_model_path(raw_path)
+            if routed is not None:
+                return await self._model_route(request, routed)
         if request.method in ("GET", "HEAD"):
             path = request.path
             if path == "/health":
@@ -192,6 +203,31 @@ class Proxy:
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
+
+    async def _model_route(self, request: web.Request, routed: ModelPath) -> web.StreamResponse:
+        """`/m/{NAME}/{rest}`: the model's health and model list here, anything else proxied as `/{rest}`."""
+        name, rest = routed
+        if request.method in ("GET", "HEAD"):
+            bare = rest.partition("?")[0]
+            if bare == "/health":  # no api key: a gateway's first probe carries none
+                model = self._registry.get(name)
+                health = model_health(
+                    name,
+                    model.state().value if model is not None else None,
+                    len(model.ready_replicas()) if model is not None else 0,
+                )
+                return web.json_response(health.body, status=health.status)
+            if bare == "/v1/models":
+                if self._keys and not self._authorized(request):
+                    return self._unauthorized()
+                model = self._registry.get(name)
+                if model is None:
+                    return self._model_not_found(name)
+                return web.json_response(
+                    {"object": "list", "data": [self._model_object(model.name, model.created_at)]}
+                )
+        # Anything else, a gateway's other GET probes included, goes to a ready replica (503 when none is).
+        return await self._proxy(request, name, rest)
 
     async def _metrics_route(self, request: web.Request) -> web.Response:
         if self._keys and not self._authorized(request):
@@ -251,7 +287,11 @@ class Proxy:
 
     # -- proxying ----------------------------------------------------------------------------------------
 
-    async def _proxy(self, request: web.Request) -> web.StreamResponse:
+    async def _proxy(
+        self, request: web.Request, name: str | None = None, path: str | None = None
+    ) -> web.StreamResponse:
+        """Proxy the request to model `name` (None: the one its header or body names) as `path` (None: the
+        request's own path)."""
         started = time.perf_counter()
         if self._keys and not self._authorized(request):
             return self._unauthorized()
@@ -282,7 +322,8 @@ class Proxy:
                     400, "The request body could not be read.", "invalid_request_error", "invalid_body"
                 )
 
-            name = request.headers.get(MODEL_HEADER)
+            if name is None:
+                name = request.headers.get(MODEL_HEADER)
             if name is None:
                 name, problem = model_from_body(body, request.headers.get("Content-Encoding", "identity"))
                 if name is None:
@@ -299,7 +340,7 @@ class Proxy:
                 unrouted.error("model_not_found")
                 unrouted.request(404)
                 return self._model_not_found(name)
-            return await self._forward(request, model, body, started, stall)
+            return await self._forward(request, model, body, started, stall, path)
         finally:
             stall.cancel()
             if stall.fired:
@@ -328,14 +369,21 @@ class Proxy:
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def _forward(
-        self, request: web.Request, model: Model, body: bytes, started: float, stall: Stall
+        self,
+        request: web.Request,
+        model: Model,
+        body: bytes,
+        started: float,
+        stall: Stall,
+        path: str | None = None,
     ) -> web.StreamResponse:
         """Send the request to the best ready replica; retry others while no byte went to the client."""
         metrics = self._metrics
         pool = self._pool
         assert pool is not None, "the proxy's app was not started"
         # The head is built once; only the Host line differs between attempts.
-        start_line = f"{request.method} {request.rel_url.raw_path_qs} HTTP/1.1\r\nHost: 127.0.0.1:".encode(
+        target = request.rel_url.raw_path_qs if path is None else path
+        start_line = f"{request.method} {target} HTTP/1.1\r\nHost: 127.0.0.1:".encode(
             "utf-8", "surrogateescape"
         )
         rest = upstream_head_tail(
