@@ -119,6 +119,7 @@ class Registrar:
         on_gateway = {names[w.url] for w in listed if w.url in names and w.status != DRAINING
                       and w.labels.get(NODE_LABEL) == self.node}
         self._wanted = self._wanted | on_gateway
+        self._look()  # the rule still decides: a model that failed meanwhile is not kept
 
     def _desired(self) -> list[Desired]:
         return [desired_worker(self.settings, name, self._proxy_api_key) for name in sorted(self._wanted)]
@@ -147,7 +148,8 @@ class Registrar:
         self._announced &= wanted_urls - seen
         # A registration the gateway has not listed after sync_sec is sent again (its first probe may have
         # failed, and the gateway retries one only after ~30 s); one not wanted any more is forgotten then.
-        self._pending = {u: t for u, t in self._pending.items() if u not in seen and now - t < self.settings.sync_sec}
+        grace = self.settings.sync_sec
+        self._pending = {u: t for u, t in self._pending.items() if u not in seen and now - t < grace}
         work = plan(desired, listed, self.node, self._pending)
         problem: GatewayError | None = None
         for worker in work.remove:
