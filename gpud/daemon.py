@@ -2,8 +2,8 @@
 models; speaks sd_notify; stops everything in order on SIGTERM/SIGINT.
 
 Shutdown order: STOPPING=1 → this node's workers leave the cluster gateway (when `[cluster]` is set) → the
-proxy stops accepting → every replica stops (drain, SIGTERM the tree,
-SIGKILL after stop_timeout_sec) → the control socket closes → exit 0.
+proxy stops accepting → every replica stops (drain, SIGTERM the tree, SIGKILL after stop_timeout_sec) → the
+control socket closes → exit 0.
 """
 
 from __future__ import annotations

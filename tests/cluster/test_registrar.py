@@ -314,3 +314,20 @@ def test_a_restored_model_keeps_its_worker_while_it_starts_again() -> None:
         await registrar.close()
 
     run(test)
+
+
+def test_the_loop_ends_when_cancelled_as_an_event_arrives() -> None:
+    # The daemon's shutdown closes the registry (an event for every subscriber) and cancels the loop in the
+    # same moment; asyncio.wait_for could swallow such a cancellation, and the daemon then never exited.
+    async def test(gateway: FakeGateway, registry: Registry) -> None:
+        registrar = Registrar(settings_for(gateway), registry)
+        loop = asyncio.create_task(registrar.run())
+        await until(lambda: gateway.count("GET") >= 1, "the first pass")
+        await asyncio.sleep(0)  # the loop is waiting for the next event now
+        registry.close()
+        loop.cancel()
+        done, _ = await asyncio.wait({loop}, timeout=2)
+        assert done and loop.cancelled()
+        await registrar.close()
+
+    run(test)
