@@ -2,7 +2,8 @@
 """Set up and run gpud from a fresh clone with nothing but python3 (3.10+).
 
     python3 dev.py demo    # create .venv, install gpud, run the demo on simulated GPUs
-    python3 dev.py test    # create .venv, install gpud with test tools, run ruff, mypy and the whole test suite
+    python3 dev.py test    # create .venv, install gpud with test tools (and smg, for the cluster tests, where a
+                           # wheel exists), run ruff, mypy and the whole test suite
     python3 dev.py setup   # only create/refresh .venv
 
 The venv is refreshed only when pyproject.toml changed since the last install (a stamp file records it).
@@ -21,10 +22,27 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 PY = VENV / "bin" / "python"
 STAMP = VENV / ".gpud-installed"
+NO_SMG = VENV / ".gpud-no-smg"  # smg could not be installed for this pyproject.toml: do not try each run
 
 
 def run(*cmd: str | Path) -> int:
     return subprocess.call([str(c) for c in cmd], cwd=ROOT)
+
+
+def _pyproject_hash() -> str:
+    return hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+
+
+def setup_cluster_tests() -> None:
+    """Best effort: the Shepherd Model Gateway (the `cluster` extra) for tests/cluster/test_smg.py, which are
+    skipped, with their reason, where the platform has no smg wheel (it is never built from source here)."""
+    if (VENV / "bin" / "smg").exists() or (NO_SMG.exists() and NO_SMG.read_text() == _pyproject_hash()):
+        return
+    print("installing the Shepherd Model Gateway (smg) for the cluster tests …", flush=True)
+    quiet = [] if os.environ.get("CI") else ["-q"]
+    if run(PY, "-m", "pip", "install", *quiet, "--only-binary=smg", "-e", ".[cluster]") != 0:
+        print("smg could not be installed here; the cluster tests will be skipped.", flush=True)
+        NO_SMG.write_text(_pyproject_hash())
 
 
 def setup() -> None:
@@ -33,7 +51,7 @@ def setup() -> None:
     if not PY.exists():
         print(f"creating {VENV} …", flush=True)
         venv.EnvBuilder(with_pip=True, clear=True).create(VENV)
-    want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    want = _pyproject_hash()
     if STAMP.exists() and STAMP.read_text() == want:
         return
     print("installing gpud and its dependencies into .venv …", flush=True)
@@ -54,6 +72,7 @@ def main(argv: list[str]) -> int:
     if command == "demo":
         return run(PY, "scripts/demo.py", *rest)
     if command == "test":
+        setup_cluster_tests()
         code = run(PY, "-m", "ruff", "check", "gpud", "tests", "bench", "scripts", "dev.py")
         if code != 0:
             return code

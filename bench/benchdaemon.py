@@ -27,10 +27,12 @@ class BenchDaemon:
 
 
 @contextlib.contextmanager
-def running_daemon(workdir: Path, gpus: str, config: str = "", timeout: float = 30) -> Iterator[BenchDaemon]:
-    """`gpud daemon --gpus GPUS` with its socket, state and log under workdir, answering before it is yielded."""
+def running_daemon(workdir: Path, gpus: str, config: str = "", timeout: float = 30,
+                   port: int | None = None) -> Iterator[BenchDaemon]:
+    """`gpud daemon --gpus GPUS` with its socket, state and log under workdir, answering before it is yielded;
+    its proxy on `port` (None: a free one)."""
     sock = str(workdir / "gpud.sock")
-    port = free_port(set())
+    port = port or free_port(set())
     (workdir / "gpud.toml").write_text(config)
     log = open(workdir / "daemon.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(

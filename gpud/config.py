@@ -140,6 +140,30 @@ class EstimateSettings:
 
 
 @dataclass(frozen=True)
+class ClusterSettings:
+    """SPEC §16 `[cluster]`: this node's registration with a Shepherd Model Gateway (gpud.cluster)."""
+
+    gateway: str | None = None  # the gateway's URL; None: no cluster
+    advertise: str | None = None  # the URL at which the gateway reaches this node's proxy
+    api_key: str | None = None  # the gateway's control-plane key (Authorization: Bearer)
+    labels: dict[str, str] = field(default_factory=dict)  # added to every registration
+    sync_sec: float = 10.0  # full reconcile with the gateway's worker list this often
+    # How the gateway probes each worker's /m/NAME/health (its own default of 60 s is slow to notice a dead
+    # node; it retries a failed request on another worker anyway, so a dead node costs latency, not errors).
+    health_interval_sec: int = 5
+    health_timeout_sec: int = 5
+    health_failures: int = 2  # failed probes in a row before the gateway stops sending to a worker
+    health_successes: int = 1  # /m/NAME/health is already gpud's own verdict: one pass is enough
+    request_timeout_sec: float = 5.0  # one call to the gateway's control plane
+    # `model stop` and SIGTERM wait this long at most for the gateway to stop sending before draining.
+    deregister_timeout_sec: float = 10.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.gateway is not None
+
+
+@dataclass(frozen=True)
 class Settings:
     config_path: Path | None
     socket: str
@@ -151,6 +175,7 @@ class Settings:
     proxy: ProxySettings = field(default_factory=ProxySettings)
     supervisor: SupervisorSettings = field(default_factory=SupervisorSettings)
     estimate: EstimateSettings = field(default_factory=EstimateSettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
     env: dict[str, str] = field(default_factory=dict)
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -176,6 +201,11 @@ _SECTIONS: dict[str, dict[str, tuple[type, ...]]] = {
         f.name: ((str,) if f.name == "restart" else (int,) if f.name in ("start_limit_burst", "health_failures")
                  else _NUMBER)
         for f in fields(SupervisorSettings)
+    },
+    "cluster": {
+        "gateway": (str,), "advertise": (str,), "api_key": (str,), "labels": (dict,), "sync_sec": _NUMBER,
+        "health_interval_sec": (int,), "health_timeout_sec": (int,), "health_failures": (int,),
+        "health_successes": (int,), "request_timeout_sec": _NUMBER, "deregister_timeout_sec": _NUMBER,
     },
 }
 
@@ -326,7 +356,9 @@ def load_settings(flags: Mapping[str, Any], environ: Mapping[str, str] = os.envi
         return data.get(section, {}).get(key)
 
     where = f" in {path}" if path else ""
-    given: dict[str, Any] = {}
+    from gpud.cluster.settings import cluster_settings  # it builds on ClusterSettings above
+
+    given: dict[str, Any] = {"cluster": cluster_settings(data.get("cluster", {}), where)}
     if "headroom" in data.get("gpus", {}):
         given["headroom_bytes"] = parse_size(data["gpus"]["headroom"], what=f"gpus.headroom{where}")
     gpus = pick("gpus", "GPUD_GPUS", "gpus", "spec")

@@ -1,8 +1,9 @@
 """`gpud daemon`: the composition root. Builds settings, ledger, supervisor, service, API and proxy; restores
 models; speaks sd_notify; stops everything in order on SIGTERM/SIGINT.
 
-Shutdown order: STOPPING=1 → the proxy stops accepting → every replica stops (drain, SIGTERM the tree,
-SIGKILL after stop_timeout_sec) → the control socket closes → exit 0.
+Shutdown order: STOPPING=1 → this node's workers leave the cluster gateway (when `[cluster]` is set) → the
+proxy stops accepting → every replica stops (drain, SIGTERM the tree, SIGKILL after stop_timeout_sec) → the
+control socket closes → exit 0.
 """
 
 from __future__ import annotations
@@ -111,10 +112,17 @@ class Daemon:
         supervisor = Supervisor(registry, ledger, settings.supervisor, owned=owned, state_dir=settings.state_dir,
                                 config_env=settings.env, instance=instance,
                                 python_for=venvs.python_for, extra_env_for=venvs.extra_env_for)
+        registrar = None
+        if settings.cluster.enabled:
+            from gpud.cluster.registrar import Registrar
+
+            registrar = Registrar.for_daemon(settings, registry)
         service = ModelService(settings, registry, ledger, supervisor, StateStore(settings.state_dir),
-                               prepare=venvs.preparer(registry))
+                               prepare=venvs.preparer(registry),
+                               before_stop=registrar.deregister if registrar is not None else None)
         api = ControlAPI(service, registry, started=self.started, socket_group=settings.socket_group, venvs=venvs,
-                         extra_status=lambda: {"ready": self.ready})
+                         extra_status=lambda: {"ready": self.ready,
+                                               "cluster": registrar.status() if registrar is not None else None})
         proxy = ProxyWorkers(registry, settings.proxy, run_dir=settings.state_dir / "run", instance=instance,
                              ledger_rows=lambda: ledger.to_json()["gpus"],
                              on_connect_failure=supervisor.connect_failed)
@@ -132,12 +140,17 @@ class Daemon:
             self.ready = True
             self.notifier.notify("READY=1", f"STATUS={_status_line(registry)}", f"MAINPID={os.getpid()}")
             background = [loop.create_task(self._housekeeping(registry, ledger))]
+            if registrar is not None:
+                background.append(loop.create_task(registrar.run(), name="cluster registrar"))
             await self._stop.wait()
             log.info("stopping: %d replicas", registry.counts()["replicas"])
             self.notifier.notify("STOPPING=1")
             api.close_streams()
             for task in background:
                 task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            if registrar is not None:
+                await registrar.close()  # while the proxy still serves: the gateway stops sending first
             await proxy.drain()  # no new connections; those open go on while the replicas drain them
             await service.shutdown()
         finally:

@@ -314,8 +314,28 @@ def format_status(status: Mapping[str, Any]) -> str:
             f"{status.get('models', 0)} ({status.get('replicas', 0)} replicas, {status.get('ready', 0)} ready)",
         ),
     ]
+    cluster = status.get("cluster")
+    if isinstance(cluster, Mapping):
+        fields += _cluster_fields(cluster)
     width = max(len(k) for k, _ in fields) + 3  # two spaces after the longest "Key:"
     return "\n".join(f"{k + ':':<{width}}{'-' if v is None else v}" for k, v in fields)
+
+
+def _cluster_fields(cluster: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """`gpud status` lines for SPEC §16: the gateway, how the last sync went, this node's workers."""
+    last = cluster.get("last_sync") or {}
+    age = last.get("age_sec")
+    when = f", {format_duration(age)} ago" if isinstance(age, (int, float)) else ""
+    if last.get("ok") is None:
+        sync = "not synced yet"
+    elif last.get("ok"):
+        sync = f"last sync ok{when}"
+    else:
+        sync = f"last sync failed{when}: {last.get('error') or 'no reason was given'}"
+    workers = cluster.get("workers") or []
+    listed = ", ".join(f"{w.get('model')} ({w.get('status')})" for w in workers) or "none"
+    return [("Gateway", f"{cluster.get('gateway')} ({sync})"), ("Advertised", cluster.get("advertise")),
+            ("Workers", listed)]
 
 
 def format_venvs(body: Mapping[str, Any]) -> str:

@@ -55,6 +55,7 @@ class ModelService:
         store: StateStore,
         *,
         prepare: Callable[[Model], Awaitable[None]] | None = None,
+        before_stop: Callable[[Model], Awaitable[None]] | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
@@ -63,6 +64,9 @@ class ModelService:
         self.store = store
         # Work done before a model's replicas first start (building its venv); raises GpudError to fail it.
         self.prepare = prepare
+        # Awaited when `model stop` begins, while the model still serves (the cluster registrar takes it off
+        # the gateway here, SPEC §16); it must not raise, and it bounds its own time.
+        self.before_stop = before_stop
         self.declared: set[str] = set()  # models from [models.NAME] tables: not persisted
         # Saved models that could not be started at boot (e.g. they no longer fit): kept in the state file
         # until `model stop NAME`, and tried again at the next boot (SPEC §3: only `model stop` removes state).
@@ -295,6 +299,8 @@ class ModelService:
             # that is going away. Cancelling is safe: runner stops are shielded and run to their end.
             previous.cancel()
             await asyncio.gather(previous, return_exceptions=True)
+        if self.before_stop is not None:
+            await self.before_stop(model)
         for replica in model.replicas.values():
             if replica.state not in (ReplicaState.FAILED, ReplicaState.STOPPED):
                 self.registry.set_state(replica, ReplicaState.STOPPING)

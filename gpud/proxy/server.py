@@ -19,6 +19,11 @@ until then, so a replica that dies before its first token costs the client nothi
 silent past `idle_timeout_sec` is not retried (it may still be working on the request): 504. A stream cut
 after bytes went out ends with an OpenAI-style error event (for SSE, when the cut falls between events) and
 a cut connection, so the client sees an error, never a clean end.
+
+Per-model routes (SPEC §16, the rules in gpud.proxy.paths): `/m/{NAME}/{rest}` is the request `/{rest}` for
+model NAME, whatever its header or body say, on the same hot path as every other request; only
+`GET /m/{NAME}/health` (no api key: a gateway's first probe carries none) and `/m/{NAME}/v1/models` are
+answered by the proxy itself.
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ from gpud.proxy.message import (
     upstream_head,
 )
 from gpud.proxy.metrics import RequestMetrics, Series
+from gpud.proxy.paths import PREFIX as PER_MODEL_PREFIX
+from gpud.proxy.paths import model_health, split_model_path
 from gpud.proxy.routing import (
     SESSION_HEADER,
     PrefixTable,
@@ -76,6 +83,7 @@ log = logging.getLogger(__name__)
 
 _GET, _HEAD, _POST = b"GET", b"HEAD", b"POST"
 _MODELS_PREFIX = b"/v1/models/"
+_PER_MODEL = PER_MODEL_PREFIX.encode()
 
 
 class Link(Protocol):
@@ -178,10 +186,13 @@ class Proxy:
         started = time.perf_counter()
         method, path = request.method, request.target.partition(b"?")[0]
         keep = request.keep_alive
+        if path.startswith(_PER_MODEL):
+            await self._per_model(conn, request, started)
+            return
         if method in (_GET, _HEAD):
             local = self._local(request, path)
             if local is not None:
-                conn.write(local if method == _GET else local.partition(b"\r\n\r\n")[0] + b"\r\n\r\n")
+                conn.write(local if method == _GET else _head_of(local))
                 conn.finish(keep)
                 return
         if self._keys and not self._authorized(request):
@@ -200,6 +211,40 @@ class Proxy:
             self._refuse(conn, request, _model_not_found(name))
             return
         await self._forward(conn, request, route, started, doc)
+
+    async def _per_model(self, conn: ClientConnection, request: Request, started: float) -> None:
+        """`/m/{NAME}/{rest}`: the model's health and model list here, anything else forwarded as `/{rest}`."""
+        routed = split_model_path(request.target.decode("latin-1"))
+        assert routed is not None  # the caller saw the prefix
+        name, rest = routed
+        route = self.table.models.get(name)
+        if request.method in (_GET, _HEAD):
+            bare = rest.partition("?")[0]
+            if bare == "/health":
+                health = model_health(name, route.state if route is not None else None,
+                                      len(route.ready) if route is not None else 0)
+                answer = simple_response(health.status, json.dumps(health.body).encode(),
+                                         keep_alive=request.keep_alive)
+                self._refuse(conn, request, answer if request.method == _GET else _head_of(answer))
+                return
+            if bare == "/v1/models":
+                if self._keys and not self._authorized(request):
+                    self._refuse(conn, request, self._unauthorized())
+                    return
+                body = {"object": "list", "data": [_model_object(route)] if route is not None else []}
+                answer = simple_response(200, json.dumps(body).encode(), keep_alive=request.keep_alive) \
+                    if route is not None else _model_not_found(name)
+                self._refuse(conn, request, answer)
+                return
+        if self._keys and not self._authorized(request):
+            self._refuse(conn, request, self._unauthorized())
+            return
+        if route is None:
+            self._unrouted.error("model_not_found")
+            self._unrouted.request(404)
+            self._refuse(conn, request, _model_not_found(name))
+            return
+        await self._forward(conn, request, route, started, NOT_PARSED, rest.encode("latin-1"))
 
     # -- local routes ------------------------------------------------------------------------------------
 
@@ -275,13 +320,14 @@ class Proxy:
     # -- forwarding --------------------------------------------------------------------------------------
 
     async def _forward(self, conn: ClientConnection, request: Request, route: ModelRoute, started: float,
-                       doc: Any) -> None:
-        """Send the request to the best ready replica; retry others while no byte went to the client."""
+                       doc: Any, target: bytes | None = None) -> None:
+        """Send the request (as `target`, else as it came) to the best ready replica; retry others while no
+        byte went to the client."""
         pool = self._pool
         assert pool is not None, "the proxy was not started"
         counters = self.counters
         demand = request.method == _POST  # SPEC §12: only POSTs keep a model awake
-        start, rest = upstream_head(request.method, request.target, 0, request.headers, remote=conn.remote,
+        start, rest = upstream_head(request.method, target or request.target, 0, request.headers, remote=conn.remote,
                                     body_length=len(request.body), drop_authorization=bool(self._keys))
         head_only = request.method == _HEAD
         decode = not request.http11  # an HTTP/1.0 client cannot take a chunked body
@@ -424,6 +470,11 @@ def bind_error(host: str, port: int, exc: OSError) -> GpudError:
         return GpudError(f"Cannot listen on {host}:{port} for the proxy: the address is already in use "
                          "(another gpud or server?); choose another with --listen.")
     return GpudError(f"Cannot listen on {host}:{port} for the proxy: {exc.strerror or exc}.")
+
+
+def _head_of(answer: bytes) -> bytes:
+    """A whole answer without its body (for HEAD)."""
+    return answer.partition(b"\r\n\r\n")[0] + b"\r\n\r\n"
 
 
 def _model_object(route: ModelRoute) -> dict[str, object]:
