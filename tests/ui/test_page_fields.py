@@ -119,7 +119,6 @@ def test_unload_and_load_from_the_page(page: Page, ui_daemon: Daemon) -> None:
     ui_daemon.wait_removed("sleepy")
 
 
-@pytest.mark.skip(reason="needs the routing field of POST /v1/models and model show (issue 13)")
 def test_routing_chosen_in_the_form_is_shown(page: Page, ui_daemon: Daemon) -> None:
     form = page.locator("#start-form")
     form.get_by_label("Model", exact=True).fill("routed")
