@@ -95,10 +95,13 @@ class Counters:
 
     # ---- readers ----------------------------------------------------------------------------------------
     def inflight(self, slot: int) -> int:
-        """Requests in flight to the replica in `slot`, over every worker."""
-        cells, step = self._inflight, self.replica_slots
+        """Requests in flight to the replica in `slot`, over every worker (read on every routing decision)."""
+        cells = self._inflight
         if self.workers == 1:
             return cells[slot]
+        if self.workers == 2:
+            return int(cells[slot] + cells[slot + self.replica_slots])
+        step = self.replica_slots
         return sum(cells[slot + w * step] for w in range(self.workers))
 
     def last_request(self, model_slot: int) -> float:

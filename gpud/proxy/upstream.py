@@ -129,7 +129,6 @@ class UpstreamConnection(asyncio.Protocol):
         self._sink: Sink | None = None
         self._held: list[bytes] = []
         self._activity = 0.0
-        self._timer: asyncio.TimerHandle | None = None
         self.first = b""
         self.last = b""
 
@@ -161,6 +160,7 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pool.forget(self)
+        self.pool.unwatch(self)
         why = f" ({exc})" if exc else ""
         if self._state == _HEAD:
             if self._head_buf:
@@ -177,7 +177,6 @@ class UpstreamConnection(asyncio.Protocol):
             else:
                 self._fail(ResponseCut(f"The replica on port {self.port} closed the connection before the end "
                                        "of the response body."))
-        self._stop_timer()
 
     # -- one exchange ----------------------------------------------------------------------------------
 
@@ -188,7 +187,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_only = head_only
         self._decode = decode
         self._activity = self._loop.time()
-        self._arm_timer()
+        self.pool.watch(self)
         transport = self.transport
         assert transport is not None
         if body and len(body) > _SMALL_WRITE:
@@ -240,7 +239,6 @@ class UpstreamConnection(asyncio.Protocol):
 
     def release(self) -> None:
         """Back to the pool when the body ended on a keep-alive connection, else closed."""
-        self._stop_timer()
         if not (self._complete and self._keep_alive and self._error is None and not self.closed
                 and not self._held):
             self.abort()
@@ -252,7 +250,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def abort(self) -> None:
         """Drop the connection now (the replica sees it close and can stop working on the request)."""
-        self._stop_timer()
+        self.pool.unwatch(self)
         if self.transport is not None and not self.closed:
             self.transport.abort()
         self.closed = True
@@ -278,28 +276,18 @@ class UpstreamConnection(asyncio.Protocol):
         self._keep_alive = False
         self._wake()
 
-    def _arm_timer(self) -> None:
-        # One timer per exchange, re-armed only when it fires early: a streamed token costs a timestamp.
-        self._timer = self._loop.call_at(self._activity + self.pool.idle_timeout, self._check_idle)
-
-    def _stop_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _check_idle(self) -> None:
-        self._timer = None
+    def check_idle(self, now: float) -> None:
+        """The pool's sweep: fail the exchange when the replica has sent nothing for the idle timeout."""
         if self._state not in (_HEAD, _BODY) or self._complete:
+            self.pool.unwatch(self)
             return
         if self.transport is not None and not self.transport.is_reading():
-            self._activity = self._loop.time()  # paused for a slow client: not the replica's silence
-        deadline = self._activity + self.pool.idle_timeout
-        if self._loop.time() < deadline:
-            self._timer = self._loop.call_at(deadline, self._check_idle)
+            self._activity = now  # paused for a slow client: not the replica's silence
             return
-        self._fail(UpstreamTimeout(f"The replica on port {self.port} sent nothing for "
-                                   f"{self.pool.idle_timeout:g} s."))
-        self.abort()
+        if now - self._activity >= self.pool.idle_timeout:
+            self._fail(UpstreamTimeout(f"The replica on port {self.port} sent nothing for "
+                                       f"{self.pool.idle_timeout:g} s."))
+            self.abort()
 
     # -- parsing ---------------------------------------------------------------------------------------
 
@@ -392,7 +380,7 @@ class UpstreamConnection(asyncio.Protocol):
     def _body_complete(self) -> None:
         self._complete = True
         self._state = _DONE
-        self._stop_timer()
+        self.pool.unwatch(self)
         self._wake()
 
 
@@ -454,6 +442,11 @@ class Pool:
         self._keepalive = keepalive_sec
         self._idle: dict[int, list[UpstreamConnection]] = {}
         self._all: set[UpstreamConnection] = set()
+        # Exchanges waiting on a replica, checked for silence by one sweep rather than a timer each: a fired
+        # timeout may come up to a quarter of idle_timeout late, and a request costs no timer.
+        self._active: set[UpstreamConnection] = set()
+        self._sweep_every = max(0.01, min(1.0, idle_timeout / 4))
+        self._sweeper: asyncio.TimerHandle | None = None
         self._factory: Callable[[int], Callable[[], UpstreamConnection]] = \
             lambda port: lambda: UpstreamConnection(self, port)
 
@@ -500,6 +493,22 @@ class Pool:
     def track(self, conn: UpstreamConnection) -> None:
         self._all.add(conn)
 
+    def watch(self, conn: UpstreamConnection) -> None:
+        self._active.add(conn)
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(self._sweep_every, self._sweep)
+
+    def unwatch(self, conn: UpstreamConnection) -> None:
+        self._active.discard(conn)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        now = self.loop.time()
+        for conn in list(self._active):
+            conn.check_idle(now)
+        if self._active:
+            self._sweeper = self.loop.call_later(self._sweep_every, self._sweep)
+
     def release(self, conn: UpstreamConnection) -> None:
         idle = self._idle.setdefault(conn.port, [])
         idle.append(conn)
@@ -514,6 +523,9 @@ class Pool:
             idle.remove(conn)
 
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for conn in list(self._all):
             conn.abort()
         self._idle.clear()

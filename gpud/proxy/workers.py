@@ -73,7 +73,8 @@ class ProxyWorkers:
         self.instance = instance
         self.ledger_rows = ledger_rows
         self.on_connect_failure = on_connect_failure
-        self.counters, self._counters_fd = Counters.create()
+        # One row per worker: a routing decision sums as many rows as there are workers.
+        self.counters, self._counters_fd = Counters.create(workers=settings.workers)
         self.feed = Feed(registry, self.counters, ledger_rows)
         self._workers = [_Worker(i) for i in range(settings.workers)]
         self._table = b""
