@@ -17,6 +17,8 @@ SIM_FLAGS: dict[str, bool] = {
     "--ttft-ms": False,
     "--itl-ms": False,
     "--max-num-seqs": True,
+    "--prefill-ms-per-1k-tokens": False,  # SPEC §13: prefill cost of uncached prompt tokens
+    "--prefix-cache-tokens": True,  # SPEC §13: prefix cache size, 0 = none
 }
 _MANAGED = ("--host", "--port", "--served-model-name")
 

@@ -15,6 +15,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from gpud.sim.prefix import prompt_tokens
+
 MAX_MODEL_LEN = 131072  # like a served model's context: a bigger max_tokens is refused, as vLLM does
 MAX_CHOICES = 64  # prompts × n per request; bounds the memory one request can make the sim use
 MAX_EMBEDDING_DIMENSIONS = 8192
@@ -48,11 +50,6 @@ def escape_label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def _estimate_tokens(text: str) -> int:
-    # About four characters per token, like the usual rule of thumb for English with BPE tokenizers.
-    return max(1, (len(text) + 3) // 4)
-
-
 def _int_field(body: dict[str, Any], key: str, default: int, low: int, high: int) -> int:
     value = body.get(key)
     if value is None:
@@ -62,36 +59,67 @@ def _int_field(body: dict[str, Any], key: str, default: int, low: int, high: int
     return value
 
 
-def _prompts(value: Any, field: str, required: bool) -> list[int]:
-    """Token counts of a prompt/input field: a string, a list of strings, token ids or lists of ids."""
+def _input_tokens(value: Any) -> list[int]:
+    """Token counts of an embeddings input: a string, a list of strings, token ids or lists of ids."""
     if value is None:
-        if required:
-            raise RequestError(f"'{field}' is required.")
-        return [1]
+        raise RequestError("'input' is required.")
     if isinstance(value, str):
-        return [_estimate_tokens(value)]
+        return [prompt_tokens(value)]
     if isinstance(value, list) and value:
         if all(isinstance(v, str) for v in value):
-            return [_estimate_tokens(v) for v in value]
+            return [prompt_tokens(v) for v in value]
         if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             return [len(value)]
         if all(isinstance(v, list) and v and all(isinstance(t, int) for t in v) for v in value):
             return [len(v) for v in value]
-    raise RequestError(f"'{field}' must be a string, a list of strings, or a list of token ids.")
+    raise RequestError("'input' must be a string, a list of strings, or a list of token ids.")
 
 
-def _chat_prompt_tokens(messages: Any) -> int:
+def _token_text(ids: list[int]) -> str:
+    # Four characters per id (its 32 bits as Latin-1), so that tokens = characters / 4 holds exactly
+    # and a token-id prompt goes through the same prefix cache as text.
+    return struct.pack(f"<{len(ids)}I", *(i & 0xFFFFFFFF for i in ids)).decode("latin-1")
+
+
+def _prompt_texts(value: Any) -> list[str]:
+    """The prompts of a /v1/completions body, as text: each string (or list of ids) its own prompt."""
+    if value is None:
+        return [""]
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value:
+        if all(isinstance(v, str) for v in value):
+            return list(value)
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return [_token_text(value)]
+        if all(
+            isinstance(v, list) and v and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
+            for v in value
+        ):
+            return [_token_text(v) for v in value]
+    raise RequestError("'prompt' must be a string, a list of strings, or a list of token ids.")
+
+
+def chat_prompt_text(messages: Any) -> str:
+    """The prompt text of a chat: each message's role and text content in order (SPEC §13).
+
+    `role: text` and a newline per message, content parts giving their text parts joined by newlines;
+    a conversation's next turn therefore starts with exactly the text of the turn before.
+    """
     if messages is None:
-        return 1
+        return ""
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         raise RequestError("'messages' must be a list of message objects.")
-    total = 0
+    parts: list[str] = []
     for message in messages:
+        role = message.get("role")
         content = message.get("content")
-        if isinstance(content, list):  # content parts: only text parts cost tokens here
-            content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
-        total += 4 + _estimate_tokens(content if isinstance(content, str) else "")
-    return max(1, total)
+        if isinstance(content, list):  # content parts: only text parts are prompt text here
+            content = "\n".join(
+                p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)
+            )
+        parts.append(f"{role if isinstance(role, str) else ''}: {content if isinstance(content, str) else ''}\n")
+    return "".join(parts)
 
 
 @dataclass(frozen=True)
@@ -106,6 +134,7 @@ class Generation:
     include_usage: bool
     max_tokens: int
     choices: int
+    prompts: tuple[str, ...]  # the prompt text of each prompt (chat: one), for the prefix cache
     prompt_tokens: int
 
     def usage(self) -> dict[str, int]:
@@ -125,12 +154,11 @@ def _model(body: dict[str, Any], default_model: str) -> str:
 def parse_generation(body: dict[str, Any], chat: bool, default_model: str, now: float) -> Generation:
     """Validate a /v1/completions or /v1/chat/completions body; raise RequestError."""
     if chat:
-        prompt_tokens = _chat_prompt_tokens(body.get("messages"))
-        prompts = 1
+        texts = [chat_prompt_text(body.get("messages"))]
         key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     else:
-        counts = _prompts(body.get("prompt"), "prompt", required=False)
-        prompt_tokens, prompts, key = sum(counts), len(counts), "max_tokens"
+        texts, key = _prompt_texts(body.get("prompt")), "max_tokens"
+    prompts = len(texts)
     max_tokens = _int_field(body, key, DEFAULT_MAX_TOKENS, 1, MAX_MODEL_LEN)
     n = _int_field(body, "n", 1, 1, MAX_CHOICES)
     if n * prompts > MAX_CHOICES:
@@ -151,7 +179,8 @@ def parse_generation(body: dict[str, Any], chat: bool, default_model: str, now: 
         include_usage=bool(stream and options and options.get("include_usage")),
         max_tokens=max_tokens,
         choices=n * prompts,
-        prompt_tokens=prompt_tokens,
+        prompts=tuple(texts),
+        prompt_tokens=sum(prompt_tokens(t) for t in texts),
     )
 
 
@@ -275,7 +304,7 @@ class EmbeddingJob:
 def parse_embeddings(body: dict[str, Any], default_model: str) -> EmbeddingJob:
     """Validate a /v1/embeddings body; raise RequestError."""
     value = body.get("input")
-    counts = _prompts(value, "input", required=True)
+    counts = _input_tokens(value)
     if isinstance(value, str):
         texts: tuple[str, ...] = (value,)
     elif value and isinstance(value[0], list):

@@ -1,21 +1,28 @@
 """A simulated OpenAI-compatible inference server: gpud's `sim` engine, for tests, demos and benchmarks.
 
     python -m gpud.sim.server --host 127.0.0.1 --port PORT [--startup-s 0.5] [--ttft-ms 20] [--itl-ms 5]
-                             [--max-num-seqs 256] [--served-model-name NAME]
+                             [--max-num-seqs 256] [--prefill-ms-per-1k-tokens 0] [--prefix-cache-tokens 0]
+                             [--served-model-name NAME]
 
 It uses no GPU and behaves like a vLLM server from the outside:
 
 - `GET /health` answers 503 until `--startup-s` has passed (the port listens at once), then 200.
 - `POST /v1/completions` and `POST /v1/chat/completions`, streamed (SSE) or not, in OpenAI's formats.
   Each request produces `max_tokens` tokens (default 16; chat also reads `max_completion_tokens`): the
-  first after `--ttft-ms`, each next after `--itl-ms`. At most `--max-num-seqs` requests run at once;
-  the others wait in FIFO order. A client that disconnects cancels its request, queued or running.
+  first after `--ttft-ms` plus the prefill of its uncached prompt tokens, each next after `--itl-ms`. At
+  most `--max-num-seqs` requests run at once; the others wait in FIFO order. A client that disconnects
+  cancels its request, queued or running.
+- Prefill and the prefix cache (gpud.sim.prefix, SPEC §13): `--prefill-ms-per-1k-tokens X` adds
+  `X × uncached_prompt_tokens / 1000` ms before the first token; `--prefix-cache-tokens N` keeps an LRU
+  cache of 256-character prompt blocks of at most N tokens (0: none, every prompt token is uncached).
+  A completion's list of prompts is prefilled prompt by prompt; `n` samples of a prompt share its prefill.
 - `POST /v1/embeddings`: deterministic unit vectors derived from a hash of each input (16 dimensions,
   or `dimensions`).
 - `GET /v1/models`: the served model name. Any `model` in a request body (or none) is accepted, since
   gpud's proxy may route by header.
 - `GET /metrics`: Prometheus text with vLLM's names (`vllm:num_requests_running`, `…_waiting`,
-  `vllm:prompt_tokens_total`, `vllm:generation_tokens_total`).
+  `vllm:prompt_tokens_total`, `vllm:generation_tokens_total`, `vllm:request_success_total`, and
+  `vllm:prefix_cache_queries_total` / `vllm:prefix_cache_hits_total` in tokens, as vLLM counts them).
 - Every response carries `X-Sim-Pid: <pid>`, so a test can see which replica answered.
 - SIGTERM or SIGINT: stop listening, give in-flight requests a short grace, exit 0.
 
@@ -62,6 +69,7 @@ from gpud.sim.api import (
     parse_embeddings,
     parse_generation,
 )
+from gpud.sim.prefix import Prefill
 
 EXIT_FAIL_AT_START = 3
 SHUTDOWN_GRACE_S = 0.5  # in-flight requests get this long after SIGTERM before they are cancelled
@@ -73,6 +81,8 @@ _METRICS = (
     ("prompt_tokens_total", "counter", "Number of prefill tokens processed."),
     ("generation_tokens_total", "counter", "Number of generation tokens processed."),
     ("request_success_total", "counter", "Count of successfully processed requests."),
+    ("prefix_cache_queries_total", "counter", "Prefix cache queries, in terms of number of queried tokens."),
+    ("prefix_cache_hits_total", "counter", "Prefix cache hits, in terms of number of cached tokens."),
 )
 
 
@@ -114,8 +124,18 @@ class FifoGate:
 class SimEngine:
     """One simulated engine: its timing knobs, its queue, and the counters /metrics reports."""
 
-    def __init__(self, name: str, startup_s: float, ttft_ms: float, itl_ms: float, max_num_seqs: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        startup_s: float,
+        ttft_ms: float,
+        itl_ms: float,
+        max_num_seqs: int,
+        prefill_ms_per_1k_tokens: float = 0.0,
+        prefix_cache_tokens: int = 0,
+    ) -> None:
         self.name = name
+        self.prefill = Prefill(prefill_ms_per_1k_tokens, prefix_cache_tokens)
         self.ttft = ttft_ms / 1000.0
         self.itl = itl_ms / 1000.0
         self.ready_at = time.monotonic() + startup_s
@@ -145,8 +165,16 @@ class SimEngine:
         self.gate.release()
 
     def metrics_text(self) -> bytes:
-        """Prometheus text format 0.0.4, written by hand: five samples do not need a registry."""
-        values = (self.running, self.waiting, self.prompt_tokens, self.generation_tokens, self.finished)
+        """Prometheus text format 0.0.4, written by hand: seven samples do not need a registry."""
+        values = (
+            self.running,
+            self.waiting,
+            self.prompt_tokens,
+            self.generation_tokens,
+            self.finished,
+            self.prefill.queries,
+            self.prefill.hits,
+        )
         lines = []
         for (name, kind, help_text), value in zip(_METRICS, values, strict=True):
             labels = f'model_name="{self._label}"'
@@ -159,9 +187,16 @@ class SimEngine:
             ]
         return ("\n".join(lines) + "\n").encode()
 
-    def due(self, start: float, token: int) -> float:
-        """Loop time at which token `token` (0-based) of a request admitted at `start` is produced."""
-        return start + self.ttft + token * self.itl
+    def first_token_at(self, start: float, prompts: tuple[str, ...]) -> float:
+        """Loop time of the first token of a request admitted at `start`: ttft plus its prefill.
+
+        Looks the prompts up in the prefix cache and holds them there, so call it once per request.
+        """
+        return start + self.ttft + self.prefill.run(prompts)
+
+    def due(self, first: float, token: int) -> float:
+        """Loop time at which token `token` (0-based) of a request whose first token is at `first` is due."""
+        return first + token * self.itl
 
 
 def _error(status: int, message: str, kind: str = "BadRequestError") -> web.Response:
@@ -197,11 +232,11 @@ async def _generate(engine: SimEngine, request: web.Request, chat: bool) -> web.
         return _error(400, str(exc))
     await engine.admit()
     try:
-        start = asyncio.get_running_loop().time()
+        first = engine.first_token_at(asyncio.get_running_loop().time(), job.prompts)
         engine.prompt_tokens += job.prompt_tokens
         if job.stream:
-            return await _stream(engine, request, job, start)
-        await _sleep_until(engine.due(start, job.max_tokens - 1))
+            return await _stream(engine, request, job, first)
+        await _sleep_until(engine.due(first, job.max_tokens - 1))
         engine.generation_tokens += job.max_tokens * job.choices
         engine.finished += 1
         return web.Response(body=full_response(job), content_type="application/json")
@@ -210,7 +245,7 @@ async def _generate(engine: SimEngine, request: web.Request, chat: bool) -> web.
 
 
 async def _stream(
-    engine: SimEngine, request: web.Request, job: Generation, start: float
+    engine: SimEngine, request: web.Request, job: Generation, first: float
 ) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
@@ -221,11 +256,11 @@ async def _stream(
     loop = asyncio.get_running_loop()
     sent = 0
     while sent < job.max_tokens:
-        await _sleep_until(engine.due(start, sent))
+        await _sleep_until(engine.due(first, sent))
         # Every token already due goes out in one write: under load the loop wakes late, and a real
         # engine also sends what one scheduler step produced together.
         if engine.itl > 0:
-            due = int((loop.time() - start - engine.ttft) / engine.itl) + 1
+            due = int((loop.time() - first) / engine.itl) + 1
         else:
             due = job.max_tokens
         upto = min(job.max_tokens, max(due, sent + 1))
@@ -247,8 +282,8 @@ async def _embeddings(engine: SimEngine, request: web.Request) -> web.Response:
         return _error(400, str(exc))
     await engine.admit()
     try:
-        # One forward pass: an embedding costs what a first token costs.
-        await _sleep_until(engine.due(asyncio.get_running_loop().time(), 0))
+        # One forward pass: an embedding costs a first token's ttft (no prefill cost, no prefix cache).
+        await _sleep_until(asyncio.get_running_loop().time() + engine.ttft)
         engine.prompt_tokens += job.prompt_tokens
         engine.finished += 1
         return web.Response(body=embeddings_response(job), content_type="application/json")
@@ -319,7 +354,15 @@ async def serve(args: argparse.Namespace, hang: bool) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    engine = SimEngine(args.served_model_name, args.startup_s, args.ttft_ms, args.itl_ms, args.max_num_seqs)
+    engine = SimEngine(
+        args.served_model_name,
+        args.startup_s,
+        args.ttft_ms,
+        args.itl_ms,
+        args.max_num_seqs,
+        args.prefill_ms_per_1k_tokens,
+        args.prefix_cache_tokens,
+    )
     # handler_cancellation: a client that goes away cancels its handler, so a queued or running request
     # stops at once, as vLLM aborts a request whose connection closed.
     runner = web.AppRunner(
@@ -355,6 +398,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ttft-ms", type=_non_negative(float), default=20.0)
     parser.add_argument("--itl-ms", type=_non_negative(float), default=5.0)
     parser.add_argument("--max-num-seqs", type=_non_negative(int), default=256)
+    parser.add_argument("--prefill-ms-per-1k-tokens", type=_non_negative(float), default=0.0)
+    parser.add_argument("--prefix-cache-tokens", type=_non_negative(int), default=0, help="0: no cache")
     parser.add_argument("--served-model-name", default="sim")
     args = parser.parse_args(argv)
     if args.max_num_seqs < 1:

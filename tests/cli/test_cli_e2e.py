@@ -49,6 +49,8 @@ def test_exit_codes(daemon: Daemon) -> None:
     assert bad.returncode == 2 and bad.stderr.startswith("gpud: ") and len(bad.stderr.strip().splitlines()) == 1
     assert daemon.cli("model", "start", "m", "--engine", "sim", "-e", "CUDA_VISIBLE_DEVICES=1").returncode == 2
     assert daemon.cli("model", "start", "m", "--engine", "sim", "--gpu-idx", "9").returncode == 2
+    bad_args = daemon.cli("model", "start", "m", "--engine", "sim", "--", "--prefill-ms-per-1k-tokens", "fast")
+    assert bad_args.returncode == 2 and "--prefill-ms-per-1k-tokens needs a number" in bad_args.stderr
     unreachable = daemon.cli("--socket", "/nonexistent/gpud.sock", "model", "list")
     assert unreachable.returncode == 3 and "Cannot reach" in unreachable.stderr
     assert daemon.cli("model", "list", "-o", "json").stdout.strip() == '{\n  "models": []\n}'

@@ -37,6 +37,9 @@ def raw_request(daemon: Daemon, method: str, path: str, body: bytes | None = Non
         ("POST", "/v1/models", b'{"model": "./m", "engine": "sim"}', 422, "invalid"),
         ("POST", "/v1/models", b'{"model": "/no/such/gpud/model", "engine": "sim"}', 422, "invalid"),
         ("POST", "/v1/plan", b'{"replicas": -1}', 422, "invalid"),
+        # The sim engine's args are checked before anything starts (SPEC §13's prefix cache among them).
+        ("POST", "/v1/models", b'{"model": "m", "engine": "sim", "args": ["--prefix-cache-tokens", "-1"]}', 422,
+         "invalid"),
         ("GET", "/v1/models/nope", None, 404, "not_found"),
         ("PATCH", "/v1/models/nope", b'{"replicas": 2}', 404, "not_found"),
         ("DELETE", "/v1/models/nope", None, 404, "not_found"),

@@ -18,7 +18,9 @@ from gpud.engines import (
     gpu_memory_utilization,
     validate_engine_request,
 )
+from gpud.engines.sim import SIM_FLAGS
 from gpud.errors import InvalidInput
+from gpud.sim.server import parse_args as sim_server_args
 
 GiB = 1024**3
 
@@ -194,6 +196,15 @@ def test_sim_accepts_its_flags_in_both_forms() -> None:
     args = ["--startup-s", "0", "--ttft-ms=1.5", "--itl-ms", "0.5", "--max-num-seqs=4"]
     validate_engine_request("sim", args, None)
     validate_engine_request("sim", [], None)
+    prefix = ["--prefill-ms-per-1k-tokens", "200", "--prefix-cache-tokens=200000"]
+    validate_engine_request("sim", prefix, None)
+    validate_engine_request("sim", ["--prefill-ms-per-1k-tokens=0.5", "--prefix-cache-tokens", "0"], None)
+
+
+def test_every_sim_flag_gpud_accepts_is_one_the_sim_server_parses() -> None:
+    # Kept in step by hand (the server is not imported on the validation path): say so when they drift.
+    parsed = vars(sim_server_args([arg for flag in SIM_FLAGS for arg in (flag, "3")]))
+    assert all(parsed[flag[2:].replace("-", "_")] == 3 for flag in SIM_FLAGS)
 
 
 @pytest.mark.parametrize(
@@ -209,6 +220,11 @@ def test_sim_accepts_its_flags_in_both_forms() -> None:
         (["--startup-s=inf"], "--startup-s"),
         (["--max-num-seqs", "2.5"], "--max-num-seqs"),
         (["--max-num-seqs", "0"], "--max-num-seqs"),
+        (["--prefix-cache-tokens", "-1"], "--prefix-cache-tokens"),
+        (["--prefix-cache-tokens=1e5"], "--prefix-cache-tokens"),
+        (["--prefill-ms-per-1k-tokens", "nan"], "--prefill-ms-per-1k-tokens"),
+        (["--prefill-ms-per-1k-tokens=-0.5"], "--prefill-ms-per-1k-tokens"),
+        (["--prefill-ms-per-1k-tokens"], "--prefill-ms-per-1k-tokens needs a value"),
         (["--port", "1"], "--port is set by gpud"),
         (["--served-model-name=x"], "--served-model-name is set by gpud"),
     ],

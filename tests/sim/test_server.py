@@ -21,6 +21,7 @@ import aiohttp
 import pytest
 
 from gpud.sim import api as simapi
+from gpud.sim import server as simserver
 
 DEADLINE_S = 10.0
 
@@ -445,3 +446,138 @@ def test_embeddings_base64_matches_floats() -> None:
     )
     with pytest.raises(simapi.RequestError):
         simapi.parse_embeddings({"input": "x", "dimensions": 0}, "m")
+
+
+# --- prefill and the prefix cache (SPEC §13) -----------------------------------------------------
+
+PREFILL_MS_PER_1K = 1000.0  # big enough that a miss and a hit differ by far more than any jitter
+SLACK_S = 0.2  # what a busy machine may add on top; the differences below are all larger
+
+
+async def _first_token_s(session: aiohttp.ClientSession, url: str, path: str, body: dict[str, Any]) -> float:
+    """Seconds from sending a streamed request to its first token's chunk; reads the stream to the end."""
+    t0 = time.monotonic()
+    async with session.post(url + path, json={**body, "stream": True, "max_tokens": 2}) as resp:
+        assert resp.status == 200
+        while True:
+            frame = await resp.content.readuntil(b"\n\n")
+            if b'"text":"' in frame or b'"content":" ' in frame:  # a token, not chat's role chunk
+                break
+        first = time.monotonic() - t0
+        await resp.read()
+    return first
+
+
+def _within(measured: float, expected: float) -> bool:
+    # The sleep never ends early by more than a clock tick; it may end late on a loaded machine.
+    return expected - 0.005 <= measured < expected + SLACK_S
+
+
+def _prefix_metrics(values: dict[str, float]) -> tuple[float, float]:
+    return values["vllm:prefix_cache_queries_total"], values["vllm:prefix_cache_hits_total"]
+
+
+def test_the_first_token_waits_exactly_for_the_uncached_prompt(start_sim: Callable[..., Sim]) -> None:
+    sim = start_sim(
+        "--startup-s", "0", "--ttft-ms", "10", "--itl-ms", "1",
+        "--prefill-ms-per-1k-tokens", str(PREFILL_MS_PER_1K), "--prefix-cache-tokens", "100000",
+    )  # fmt: skip
+    prompt = "p" * 2400  # 600 tokens: 0.6 s of prefill on a miss
+    shares_four_blocks = prompt[:1024] + "q" * 1376  # 600 tokens, 256 of them cached
+
+    async def check(session: aiohttp.ClientSession) -> None:
+        url, path = sim.url, "/v1/completions"
+        assert _prefix_metrics(await _metrics(session, url)) == (0, 0)
+        miss = await _first_token_s(session, url, path, {"prompt": prompt})
+        assert _within(miss, 0.010 + 0.600), miss
+        hit = await _first_token_s(session, url, path, {"prompt": prompt})
+        assert _within(hit, 0.010), hit
+        partial = await _first_token_s(session, url, path, {"prompt": shares_four_blocks})
+        assert _within(partial, 0.010 + 0.344), partial
+        assert _prefix_metrics(await _metrics(session, url)) == (1800, 600 + 256)
+        # Not streamed: the whole answer comes after the same first token plus the other tokens.
+        t0 = time.monotonic()
+        body = {"prompt": "r" * 1600, "max_tokens": 11}  # 400 tokens, a miss
+        async with session.post(url + path, json=body) as resp:
+            usage = (await resp.json())["usage"]
+        assert _within(time.monotonic() - t0, 0.010 + 0.400 + 10 * 0.001)
+        assert usage["prompt_tokens"] == 400
+        values = await _metrics(session, url)
+        assert _prefix_metrics(values) == (2200, 856)
+        assert values["vllm:prompt_tokens_total"] == 2200
+
+    run(check)
+
+
+def test_a_chat_hits_the_turns_it_has_sent_before(start_sim: Callable[..., Sim]) -> None:
+    sim = start_sim(
+        "--startup-s", "0", "--ttft-ms", "10", "--itl-ms", "1",
+        "--prefill-ms-per-1k-tokens", str(PREFILL_MS_PER_1K), "--prefix-cache-tokens", "100000",
+    )  # fmt: skip
+    system = {"role": "system", "content": "s" * 2048}  # "system: " + 2048 + "\n": 8 blocks and a bit
+    first_turn = [system, {"role": "user", "content": "hello"}]
+    second_turn = [*first_turn, {"role": "assistant", "content": "hi"}, {"role": "user", "content": "more"}]
+
+    async def check(session: aiohttp.ClientSession) -> None:
+        path = "/v1/chat/completions"
+        first_text = simapi.chat_prompt_text(first_turn)
+        second_text = simapi.chat_prompt_text(second_turn)
+        miss = await _first_token_s(session, sim.url, path, {"messages": first_turn})
+        assert _within(miss, 0.010 + math.ceil(len(first_text) / 4) / 1000), miss
+        # The second turn starts with the first: only what follows its 8 whole blocks is prefilled.
+        second = await _first_token_s(session, sim.url, path, {"messages": second_turn})
+        uncached = math.ceil(len(second_text) / 4) - 8 * 64
+        assert _within(second, 0.010 + uncached / 1000), second
+        assert miss - second > 0.4  # 512 cached tokens at 1 s per 1k
+        queries, hits = _prefix_metrics(await _metrics(session, sim.url))
+        assert (queries, hits) == (math.ceil(len(first_text) / 4) + math.ceil(len(second_text) / 4), 512)
+
+    run(check)
+
+
+def test_without_a_cache_a_repeat_costs_the_full_prefill(start_sim: Callable[..., Sim]) -> None:
+    sim = start_sim(
+        "--startup-s", "0", "--ttft-ms", "10", "--itl-ms", "1",
+        "--prefill-ms-per-1k-tokens", str(PREFILL_MS_PER_1K),
+    )  # fmt: skip
+
+    async def check(session: aiohttp.ClientSession) -> None:
+        body = {"prompt": "p" * 1200}  # 300 tokens
+        for _ in range(2):
+            measured = await _first_token_s(session, sim.url, "/v1/completions", body)
+            assert _within(measured, 0.010 + 0.300), measured
+        values = await _metrics(session, sim.url)
+        assert _prefix_metrics(values) == (0, 0)  # prefix caching off: vLLM counts no queries either
+        assert values["vllm:prompt_tokens_total"] == 600
+
+    run(check)
+
+
+def test_prefix_cache_series_carry_the_model_name(sim: Sim) -> None:
+    async def check(session: aiohttp.ClientSession) -> None:
+        async with session.get(sim.url + "/metrics") as resp:
+            text = await resp.text()
+        for name in ("prefix_cache_queries_total", "prefix_cache_hits_total"):
+            assert f"# TYPE vllm:{name} counter" in text
+            assert f'vllm:{name}{{model_name="simmy"}} 0.0' in text
+
+    run(check)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--prefix-cache-tokens", "-1"],
+        ["--prefix-cache-tokens", "1.5"],
+        ["--prefill-ms-per-1k-tokens", "nan"],
+        ["--prefill-ms-per-1k-tokens", "-3"],
+    ],
+)
+def test_the_server_refuses_bad_prefix_flags(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        simserver.parse_args(args)
+    assert info.value.code == 2 and args[0] in capsys.readouterr().err
+    parsed = simserver.parse_args(["--prefill-ms-per-1k-tokens", "2.5", "--prefix-cache-tokens", "10"])
+    assert (parsed.prefill_ms_per_1k_tokens, parsed.prefix_cache_tokens) == (2.5, 10)
+    defaults = simserver.parse_args([])
+    assert (defaults.prefill_ms_per_1k_tokens, defaults.prefix_cache_tokens) == (0.0, 0)
