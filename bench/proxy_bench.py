@@ -156,6 +156,9 @@ error_log {workdir}/error.log warn;
 events {{ worker_connections 4096; }}
 http {{
     access_log off;
+    # Request bodies stay in memory, as gpud keeps them (nginx would write those over 16 KiB to a file).
+    client_body_buffer_size 32m;
+    client_max_body_size 32m;
     client_body_temp_path {workdir}/body;
     proxy_temp_path {workdir}/proxy;
     fastcgi_temp_path {workdir}/fastcgi;
