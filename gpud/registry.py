@@ -56,7 +56,10 @@ class Replica:
     state: ReplicaState = ReplicaState.PENDING
     pid: int | None = None          # the engine process (holds the merged env)
     restarts: int = 0
-    inflight: int = 0
+    inflight: int = 0               # requests in flight through the proxy (copied from its shared counters)
+    # True while some proxy worker may still send it new requests: every worker has not yet applied a route
+    # table in which it is out of the balancer. The drain of SPEC §7 waits for this to be False.
+    routed: bool = False
     last_exit: dict[str, Any] | None = None
     message: str | None = None      # why it is failed/unhealthy, for people
     since: float = field(default_factory=time.time)

@@ -181,7 +181,9 @@ class LocalProxy:
         self._task: Any = None
 
     def refresh(self) -> None:
-        self.proxy.set_table(self.feed.table())
+        table = self.feed.table()
+        self.proxy.set_table(table)
+        self.feed.applied(table)  # in this process the proxy applies a table at once
 
     def render(self) -> tuple[bytes, str]:
         """The proxy's /metrics exposition."""

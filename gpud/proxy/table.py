@@ -175,6 +175,15 @@ class Feed:
             gpus = ()
         return RouteTable(self._version, models, gpus)
 
+    def applied(self, table: RouteTable) -> None:
+        """Every proxy worker routes by `table` now (or a later one): a replica that is not ready in it gets no
+        new request any more, so its drain may trust its in-flight count."""
+        ready = {(m.name, r.index) for m in table.models.values() for r in m.ready}
+        for model in self.registry:
+            for replica in model.replicas.values():
+                replica.routed = (model.name, replica.index) in ready
+        self.copy_counts()
+
     def copy_counts(self) -> None:
         """Each replica's in-flight requests and each model's last request time, from the shared counters
         into the registry (where the drain, `model show` and the demand logic read them)."""

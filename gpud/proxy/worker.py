@@ -7,6 +7,7 @@ JOB is a JSON object: {"index", "host", "port", "settings": {ProxySettings field
     daemon → worker   {"t": "table", "table": {...}}   the routing table (gpud.proxy.table), on every change
                       {"t": "drain"}                    stop accepting connections (shutdown begins)
     worker → daemon   {"t": "ready"}                    listening
+                      {"t": "applied", "version": N}    it routes by table N from now on
                       {"t": "connect_failed", "model", "index"}
 
 The worker dies with the daemon: a parent-death signal, a check of getppid() against `parent_pid`, and the
@@ -73,7 +74,7 @@ async def serve(job: dict[str, Any]) -> int:
         print(f"gpud proxy worker {job['index']}: {exc.message}", file=sys.stderr, flush=True)
         return EXIT_BIND_FAILED
     link.send({"t": "ready"})
-    listening = loop.create_task(_follow(reader, proxy))
+    listening = loop.create_task(_follow(reader, proxy, link))
     stopping = loop.create_task(stop.wait())
     await asyncio.wait({listening, stopping}, return_when=asyncio.FIRST_COMPLETED)
     for task in (listening, stopping):
@@ -84,13 +85,15 @@ async def serve(job: dict[str, Any]) -> int:
     return 0
 
 
-async def _follow(reader: asyncio.StreamReader, proxy: Proxy) -> None:
+async def _follow(reader: asyncio.StreamReader, proxy: Proxy, link: DaemonLink) -> None:
     """Apply the daemon's messages until its end of the link closes (the daemon is gone)."""
     async for line in reader:
         message = json.loads(line)
         kind = message.get("t")
         if kind == "table":
-            proxy.set_table(RouteTable.from_obj(message["table"]))
+            table = RouteTable.from_obj(message["table"])
+            proxy.set_table(table)
+            link.send({"t": "applied", "version": table.version})
         elif kind == "drain":
             await proxy.stop_accepting()
 

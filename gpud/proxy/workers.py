@@ -35,7 +35,7 @@ from gpud.errors import GpudError
 from gpud.proxy.counters import Counters
 from gpud.proxy.metrics import MULTIPROC_ENV
 from gpud.proxy.server import bind_error
-from gpud.proxy.table import Feed
+from gpud.proxy.table import Feed, RouteTable
 from gpud.registry import Registry, Replica
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ WORKER_ENV = "GPUD_PROXY_WORKER"  # marks a worker with the daemon that owns it 
 SYNC_SEC = 0.05
 READY_TIMEOUT_SEC = 20.0
 STOP_TIMEOUT_SEC = 5.0
+_UNACKED_TABLES = 1000
 _RESTART_DELAYS = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 
@@ -54,6 +55,7 @@ class _Worker:
         self.writer: asyncio.StreamWriter | None = None
         self.ready = asyncio.Event()
         self.restarts = 0
+        self.applied = 0  # the version of the last table it acknowledged
 
 
 class ProxyWorkers:
@@ -78,6 +80,7 @@ class ProxyWorkers:
         self.feed = Feed(registry, self.counters, ledger_rows)
         self._workers = [_Worker(i) for i in range(settings.workers)]
         self._table = b""
+        self._sent: dict[int, RouteTable] = {}  # tables sent but not yet applied by every worker, by version
         self._push_pending = False
         self._closing = False
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -171,6 +174,9 @@ class ProxyWorkers:
             kind = message.get("t")
             if kind == "ready":
                 worker.ready.set()
+            elif kind == "applied":
+                worker.applied = int(message.get("version", 0))
+                self._settle()
             elif kind == "connect_failed":
                 model = self.registry.get(str(message.get("model")))
                 replica = model.replicas.get(message.get("index", -1)) if model is not None else None
@@ -181,8 +187,10 @@ class ProxyWorkers:
         code = await proc.wait()
         if self._closing:
             return
-        # Its connections died with it; what it counted as in flight is not in flight any more.
+        # Its connections died with it; what it counted as in flight is not in flight any more. It no longer
+        # holds any table back either.
         self.counters.forget_row(worker.index)
+        self._settle()
         delay = _RESTART_DELAYS[min(worker.restarts, len(_RESTART_DELAYS) - 1)]
         log.warning("proxy worker %d (pid %d) exited with %s; starting it again in %g s", worker.index,
                     proc.pid, code, delay)
@@ -200,7 +208,25 @@ class ProxyWorkers:
 
     # ---- the table and the counters -------------------------------------------------------------------
     def _build(self) -> bytes:
-        return self.feed.table().to_json()
+        table = self.feed.table()
+        self._sent[table.version] = table
+        if len(self._sent) > _UNACKED_TABLES:  # a worker that stopped answering must not grow the daemon
+            del self._sent[min(self._sent)]
+        return table.to_json()
+
+    def _settle(self) -> None:
+        """Once every live worker applied a table, what it withdrew from the balancer is withdrawn (the drain
+        of SPEC §7 relies on it) and older tables are forgotten."""
+        live = [w for w in self._workers if w.proc is not None and w.proc.returncode is None and w.ready.is_set()]
+        if not live:
+            return
+        version = min(w.applied for w in live)
+        table = self._sent.get(version)
+        if table is None:
+            return
+        for old in [v for v in self._sent if v < version]:
+            del self._sent[old]
+        self.feed.applied(table)
 
     def _schedule_push(self) -> None:
         if not self._push_pending:

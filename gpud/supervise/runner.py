@@ -293,12 +293,13 @@ class ReplicaRunner:
                 self.sup.registry.set_state(self.replica, ReplicaState.UNHEALTHY, f"health check failed ({failures})")
 
     async def _drain(self) -> None:
-        """Out of the balancer already (STOPPING); let in-flight requests finish, up to drain_timeout_sec."""
+        """Out of the balancer (STOPPING; once every proxy worker routes by a table that says so, `routed` is
+        False), then let in-flight requests finish, up to drain_timeout_sec."""
         if self.replica.state is not ReplicaState.STOPPING:
             self.sup.registry.set_state(self.replica, ReplicaState.STOPPING)
         deadline = time.monotonic() + self.sup.settings.drain_timeout_sec
-        while self.replica.inflight > 0 and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)  # polling the proxy's counter; the proxy has no per-request hook here
+        while (self.replica.routed or self.replica.inflight > 0) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # polling the proxy's copied counts; the proxy lives in other processes
 
     async def _terminate(self) -> None:
         """SIGTERM the tree (via the shim), SIGKILL what is left after stop_timeout_sec, wait until nothing is."""

@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import socket
+import time
 from collections import Counter
 from collections.abc import Iterator
 
@@ -109,6 +110,24 @@ def test_a_killed_worker_is_started_again_while_the_other_serves(two_workers: Da
                15, "the worker to be started again")
     assert survivor.is_running()
     assert Counter(completion(two_workers.port) for _ in range(20)) == {200: 20}
+
+
+def test_a_drain_waits_until_every_worker_routes_without_the_replica(two_workers: Daemon) -> None:
+    # SPEC §7: out of the balancer, then drain. A worker that has not yet applied the table without the
+    # replica could still send it a request, so the replica is not stopped until every worker has.
+    frozen = workers_of(two_workers)[0]
+    frozen.send_signal(signal.SIGSTOP)  # it cannot apply (or acknowledge) a table now
+    try:
+        two_workers.client.request("PATCH", "/v1/models/m", {"replicas": 2})
+        leaving = wait_until(lambda: next((r for r in two_workers.show("m")["replicas"]
+                                           if r["index"] == 2 and r["state"] == "stopping"), None), 10, "stopping")
+        held = time.monotonic() + 1.0
+        while time.monotonic() < held:  # held back by the frozen worker: its process stays up
+            assert psutil.pid_exists(leaving["pid"]), "the replica was stopped before every worker let it go"
+            time.sleep(0.05)
+    finally:
+        frozen.send_signal(signal.SIGCONT)
+    wait_until(lambda: [r["index"] for r in two_workers.show("m")["replicas"]] == [0, 1], 10, "the drain to end")
 
 
 def test_metrics_are_the_sum_over_workers(two_workers: Daemon) -> None:
