@@ -94,6 +94,7 @@ class Daemon:
 
     async def serve(self) -> int:
         from gpud.control.api import ControlAPI, serve_unix
+        from gpud.demand.loop import DemandLoop, wake_gate
         from gpud.proxy.metrics import Metrics
         from gpud.proxy.server import Proxy
 
@@ -114,7 +115,9 @@ class Daemon:
                                prepare=venvs.preparer(registry))
         api = ControlAPI(service, registry, started=self.started, socket_group=settings.socket_group, venvs=venvs)
         metrics = Metrics(registry, ledger)
-        proxy = Proxy(registry, settings.proxy, metrics=metrics, on_connect_failure=supervisor.connect_failed)
+        proxy = Proxy(registry, settings.proxy, metrics=metrics, on_connect_failure=supervisor.connect_failed,
+                      waker=wake_gate(service, settings.proxy))
+        demand = DemandLoop(registry, service, settings.scale)
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -127,7 +130,7 @@ class Daemon:
                      settings.proxy.listen, settings.gpus)
             await self._restore(service)
             self.notifier.notify("READY=1", f"STATUS={_status_line(registry)}", f"MAINPID={os.getpid()}")
-            background = [loop.create_task(self._housekeeping(registry, ledger))]
+            background = [loop.create_task(self._housekeeping(registry, ledger)), loop.create_task(demand.run())]
             await self._stop.wait()
             log.info("stopping: %d replicas", registry.counts()["replicas"])
             self.notifier.notify("STOPPING=1")
@@ -149,6 +152,7 @@ class Daemon:
         specs, problems = service.store.load()
         for problem in problems:
             log.error("%s", problem)
+        demand = service.store.load_demand()  # SPEC §12: idle models stay idle; nothing wakes by itself
         declared: list[ModelSpec] = []
         for name, table in self.settings.models.items():
             try:
@@ -158,8 +162,12 @@ class Daemon:
         declared_names = {s.name for s in declared}
         for spec in declared + [s for s in specs if s.name not in declared_names]:
             is_declared = spec.name in declared_names
+            record = demand.get(spec.name)
+            # An on-demand model comes back idle (nothing is loaded until asked); others as they were saved.
+            idle = spec.on_demand or (record is not None and record.idle)
             try:
-                await service.start_model(spec, declared=is_declared, restoring=not is_declared)
+                await service.start_model(spec, declared=is_declared, restoring=not is_declared, idle=idle,
+                                          last_request_at=record.last_request_at if record else None)
             except GpudError as exc:
                 log.error("cannot start model %s: %s (it stays saved; `gpud model stop %s` forgets it)",
                           spec.name, exc.message, spec.name)

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from gpud.demand.duration import parse_duration
 from gpud.engines import DEFAULT_ENGINE, engine_named, validate_engine_request
 from gpud.errors import InvalidInput
 from gpud.gpus.placement import POLICIES
@@ -19,6 +20,8 @@ from gpud.units import parse_size
 
 MANAGED_ENV = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "GPUD_MODEL", "GPUD_REPLICA", "GPUD_PORT")
 MAX_REPLICAS = 1024
+DEFAULT_TARGET_INFLIGHT = 8  # SPEC §12: requests in flight per replica before load-based scaling adds one
+MAX_TARGET_INFLIGHT = 1_000_000
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -27,6 +30,7 @@ _SECRET_RE = re.compile(r"TOKEN|KEY|SECRET|PASSWORD", re.IGNORECASE)
 _FIELDS = (
     "name", "model", "engine", "replicas", "gpus_per_replica", "vram", "gpu_idx", "placement",
     "env", "unset_env", "venv", "args", "command", "health_path", "start_timeout_sec",
+    "idle_timeout", "on_demand", "max_replicas", "target_inflight",
 )
 
 
@@ -170,6 +174,15 @@ class ModelSpec:
     command: str | None = None
     health_path: str = "/health"
     start_timeout_sec: float | None = None
+    idle_timeout_sec: float = 0.0  # SPEC §12: unload after this long without a request in flight; 0 = never
+    on_demand: bool = False  # starts idle; loaded by the first request (or `model load`)
+    max_replicas: int | None = None  # load-based scaling up to this many replicas; None = off
+    target_inflight: int = DEFAULT_TARGET_INFLIGHT
+
+    @property
+    def evictable(self) -> bool:
+        """SPEC §12: only a model that may go idle anyway may be unloaded to make room for another."""
+        return self.on_demand or self.idle_timeout_sec > 0
 
     @classmethod
     def from_json(cls, body: Any, *, check_files: bool = True) -> ModelSpec:
@@ -228,11 +241,25 @@ class ModelSpec:
         unset = _str_list(body, "unset_env")
         for key in unset:
             validate_env_name(key, what="unset_env")
+        replicas = _int_field(body, "replicas", 1, minimum=1, maximum=MAX_REPLICAS)
+        idle_timeout = parse_duration(body.get("idle_timeout", 0), what="idle_timeout")
+        on_demand = body.get("on_demand", False)
+        if not isinstance(on_demand, bool):
+            raise InvalidInput("Invalid on_demand: expected true or false.")
+        max_replicas = body.get("max_replicas")
+        if max_replicas is not None:
+            max_replicas = _int_field(body, "max_replicas", 1, minimum=1, maximum=MAX_REPLICAS)
+            if max_replicas < replicas:
+                raise InvalidInput(
+                    f"Invalid max_replicas {max_replicas}: it cannot be below replicas ({replicas})."
+                )
+        target_inflight = _int_field(body, "target_inflight", DEFAULT_TARGET_INFLIGHT, minimum=1,
+                                     maximum=MAX_TARGET_INFLIGHT)
         spec = cls(
             name=name,
             model=model,
             engine=engine,
-            replicas=_int_field(body, "replicas", 1, minimum=1, maximum=MAX_REPLICAS),
+            replicas=replicas,
             gpus_per_replica=_int_field(body, "gpus_per_replica", 1, minimum=1, maximum=64),
             vram_bytes=vram_bytes,
             gpu_idx=gpu_idx,
@@ -244,6 +271,10 @@ class ModelSpec:
             command=command,
             health_path=health_path,
             start_timeout_sec=None if timeout is None else float(timeout),
+            idle_timeout_sec=idle_timeout,
+            on_demand=on_demand,
+            max_replicas=max_replicas,
+            target_inflight=target_inflight,
         )
         # Engine-specific checks (managed vLLM flags, command templates, sim args) live with the engines.
         validate_engine_request(spec.engine, spec.args, spec.command)
@@ -254,6 +285,7 @@ class ModelSpec:
         d = asdict(self)
         d.pop("vram_bytes")
         d.pop("venv_packages")
+        d["idle_timeout"] = d.pop("idle_timeout_sec")
         d["vram"] = self.vram_bytes
         d["venv"] = {"packages": list(self.venv_packages)} if self.venv_packages else None
         d["gpu_idx"] = list(self.gpu_idx) if self.gpu_idx is not None else None

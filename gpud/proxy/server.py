@@ -58,7 +58,8 @@ from gpud.proxy.upstream import (
     ResponseCut,
     UpstreamTimeout,
 )
-from gpud.registry import Model, Registry, Replica
+from gpud.proxy.wake import WakeError, WakeGate
+from gpud.registry import Model, Operation, Registry, Replica
 from gpud.serverlog import ServerLog
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ class Proxy:
         *,
         metrics: Metrics | None = None,
         on_connect_failure: Callable[[Replica], None] = lambda r: None,
+        waker: WakeGate | None = None,
     ) -> None:
         """settings.idle_timeout_sec: how long a replica may send nothing; client_timeout_sec: how long a client
         may take to send a request head, pause while sending a body, or leave response bytes unread;
@@ -87,6 +89,7 @@ class Proxy:
         self._max_body = settings.max_body_bytes
         self._metrics = metrics
         self._on_connect_failure = on_connect_failure
+        self._waker = waker  # SPEC §12: holds requests for idle models while they wake (None: no waking)
         self._idle_timeout = settings.idle_timeout_sec
         self._client_timeout = settings.client_timeout_sec
         self._max_connections = settings.max_connections
@@ -204,14 +207,14 @@ class Proxy:
     async def _list_models(self, request: web.Request) -> web.Response:
         if self._keys and not self._authorized(request):
             return self._unauthorized()
-        data = [self._model_object(m.name, m.created_at) for m in self._registry if m.ready_replicas()]
+        data = [self._model_object(m.name, m.created_at) for m in self._registry if _listed(m)]
         return web.json_response({"object": "list", "data": data})
 
     async def _get_model(self, request: web.Request, name: str) -> web.StreamResponse:
         if self._keys and not self._authorized(request):
             return self._unauthorized()
         model = self._registry.get(name)
-        if model is None or not model.ready_replicas():
+        if model is None or not _listed(model):
             return self._model_not_found(name)
         return web.json_response(self._model_object(model.name, model.created_at))
 
@@ -299,7 +302,19 @@ class Proxy:
                 unrouted.error("model_not_found")
                 unrouted.request(404)
                 return self._model_not_found(name)
-            return await self._forward(request, model, body, started, stall)
+            if request.method != "POST":  # SPEC §12: only a POST is demand; GETs never wake a model
+                return await self._forward(request, model, body, started, stall)
+            model.last_request_at = time.time()
+            try:
+                if self._waker is not None and not model.ready_replicas() and _wakes_on_request(model):
+                    try:
+                        await self._waker.wait(name)
+                    except WakeError as exc:
+                        return self._wake_refused(name, exc)
+                    model = self._registry.get(name) or model
+                return await self._forward(request, model, body, started, stall)
+            finally:
+                model.last_request_at = time.time()  # the idle clock starts again when the last one ends
         finally:
             stall.cancel()
             if stall.fired:
@@ -415,6 +430,12 @@ class Proxy:
             finally:
                 replica.inflight -= 1
 
+    def _wake_refused(self, name: str, exc: WakeError) -> web.Response:
+        series = self._metrics.series(name) if self._metrics is not None else self._null_series
+        series.error("wake")
+        series.request(503)
+        return error_response(503, exc.message, "server_error", exc.code, {"Retry-After": str(exc.retry_after_sec)})
+
     def _no_replica(self, name: str, failures: list[str], metrics: Metrics | None) -> web.Response:
         series = metrics.series(name) if metrics is not None else self._null_series
         if failures:
@@ -434,6 +455,16 @@ class Proxy:
             "no_ready_replica",
             {"Retry-After": "1"},
         )
+
+
+def _wakes_on_request(model: Model) -> bool:
+    """SPEC §12: a request for an idle model (or one going idle, or waking) waits for it to wake."""
+    return model.idle or model.operation in (Operation.LOAD, Operation.UNLOAD)
+
+
+def _listed(model: Model) -> bool:
+    """`GET /v1/models` lists models that serve now and idle ones (a request wakes them)."""
+    return bool(model.ready_replicas()) or _wakes_on_request(model)
 
 
 class _TooLarge(Exception):
