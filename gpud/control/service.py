@@ -38,6 +38,9 @@ from gpud.supervise.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
+# How often a wake that waits for room (SPEC §12: the models that could make room are in use) tries again.
+ROOM_POLL_SEC = 0.05
+
 
 def placement_request(spec: ModelSpec, replicas: int, multi_replica: bool) -> PlacementRequest:
     return PlacementRequest(
@@ -108,6 +111,15 @@ class ModelService:
             if plan is None:
                 raise
             return plan.placements, [self.registry.models[name] for name in plan.evict]
+
+    def _room_coming(self, model: Model) -> bool:
+        """Whether evicting every evictable model, in use or not, would let `model` be placed: then room comes
+        once their requests end (or their loads finish), and a wake may wait for it."""
+        spec = model.spec
+        request = placement_request(spec, spec.replicas, self.settings.multi_replica)
+        evictable = [m.name for m in self.registry
+                     if m is not model and m.spec.evictable and not m.idle and not m.stopping and m.replicas]
+        return plan_eviction(request, gpu_rooms(self.ledger), self.ledger.reservations(), evictable) is not None
 
     def _check_could_fit(self, spec: ModelSpec) -> None:
         """An on-demand model that could not be placed even on GPUs gpud holds nothing on is refused now."""
@@ -349,7 +361,12 @@ class ModelService:
         """Wake for a request: returns once a replica of the model is ready. Idempotent: however many callers,
         one wake; a caller that goes away (is cancelled) does not cancel it. Raises DoesNotFit with the
         placement's reason when the model cannot be placed even after eviction (it stays idle), and
-        Unavailable when the wake fails or the model is stopped meanwhile."""
+        Unavailable when the wake fails or the model is stopped meanwhile.
+
+        When it does not fit only because the models that could make room are in use right now (requests in
+        flight, or loading), it waits for them, up to `proxy.wake_timeout_sec`: the requests waiting for this
+        wake would rather be answered late than be refused while room is about to come."""
+        deadline = time.monotonic() + self.settings.proxy.wake_timeout_sec
         while True:
             self._check_open()
             model = self.get(name)
@@ -359,7 +376,13 @@ class ModelService:
                 await asyncio.wait([model.task])  # not cancelled if this caller is
                 continue
             if model.idle and model.operation is None:
-                self._begin_load(model, why="request")
+                try:
+                    self._begin_load(model, why="request")
+                except DoesNotFit:
+                    if time.monotonic() >= deadline or not self._room_coming(model):
+                        raise
+                    await asyncio.sleep(ROOM_POLL_SEC)  # in-flight counts change without an event
+                    continue
             elif model.operation is None:
                 raise Unavailable(f"Model {name!r} has no ready replica ({model.state().value}).")
             await self._first_ready(model)

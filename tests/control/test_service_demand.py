@@ -5,6 +5,7 @@ load-based scaling, and the idle timer of the demand loop."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 from helpers import InProcess, tiny_engine_body
 from helpers import run_in_process as run
 
-from gpud.config import ScaleSettings
+from gpud.config import ProxySettings, ScaleSettings
 from gpud.demand.loop import DemandLoop
 from gpud.errors import Conflict, DoesNotFit, Unavailable
 from gpud.registry import Model, ModelState, Operation, ReplicaState
@@ -140,6 +141,27 @@ def test_a_model_with_a_request_in_flight_or_busy_is_not_evicted(tmp_path: Path)
         big = await h.service.start_model(spec("big", vram="40GiB"))
         await settled(h, big)
         assert serving.state() is ModelState.IDLE and big.state() is ModelState.RUNNING
+
+    run(test, tmp_path, gpus="sim:80GiB")
+
+
+def test_a_wake_waits_for_room_that_is_in_use_up_to_the_wake_timeout(tmp_path: Path) -> None:
+    async def test(h: InProcess) -> None:
+        h.service.settings = dataclasses.replace(h.settings, proxy=ProxySettings(wake_timeout_sec=0.5))
+        serving = await loaded(h, "serving", last_request_at=1.0, vram="50GiB", idle_timeout="1h")
+        await h.service.start_model(spec("asleep", vram="40GiB", on_demand=True))
+        serving.replicas[0].inflight = 1
+        started = time.monotonic()
+        with pytest.raises(DoesNotFit):  # the request in flight outlasts the wake timeout
+            await h.service.wake("asleep")
+        assert time.monotonic() - started >= 0.5 and not serving.idle
+        h.service.settings = h.settings  # 600 s
+        waking = asyncio.ensure_future(h.service.wake("asleep"))
+        await asyncio.sleep(0.3)
+        assert not waking.done() and h.registry.models["asleep"].idle  # waiting for the room
+        serving.replicas[0].inflight = 0  # the request ends: serving may go now
+        await waking
+        assert serving.idle and h.registry.models["asleep"].ready_replicas()
 
     run(test, tmp_path, gpus="sim:80GiB")
 
