@@ -15,7 +15,6 @@ IDLE: dict[str, Any] = {
     "name": "qwen", "engine": "vllm", "state": "idle", "replicas_ready": 0, "replicas_desired": 2,
     "endpoint": "http://127.0.0.1:8000/v1", "replicas": [], "idle_timeout_sec": 900.0, "on_demand": True,
     "min_replicas": 2, "max_replicas": 4, "target_inflight": 8,
-    "last_request_at": datetime.datetime.fromtimestamp(time.time() - 125, datetime.timezone.utc).isoformat(),
     "message": "The last load failed: exited with code 3.",
 }
 
@@ -44,10 +43,13 @@ def test_unload_and_load_commands_parse() -> None:
 
 
 def test_list_and_show_carry_the_demand_fields() -> None:
-    listing = render.format_model_list({"models": [IDLE]})
+    # Made here, not at import: the whole suite runs for minutes between the two.
+    ago = datetime.datetime.fromtimestamp(time.time() - 125, datetime.timezone.utc).isoformat()
+    shown_model = {**IDLE, "last_request_at": ago}
+    listing = render.format_model_list({"models": [shown_model]})
     assert listing.splitlines()[0].split() == ["NAME", "ENGINE", "STATE", "READY", "LAST", "REQUEST", "ENDPOINT"]
     assert "2m 5s ago" in listing or "2m 6s ago" in listing
-    shown = render.format_model_show(IDLE)
+    shown = render.format_model_show(shown_model)
     for words in ("State:         idle", "Idle timeout:  15m", "On demand:     yes", "Scaling:       2-4 replicas",
                   "Last request:", "Note:          The last load failed"):
         assert words in shown, words

@@ -119,7 +119,8 @@ def test_a_state_write_that_fails_leaves_no_reservation(tmp_path: Path) -> None:
 
 def test_a_start_timeout_message_says_what_was_polled(tmp_path: Path) -> None:
     async def test(h: InProcess) -> None:
-        model = await h.service.start_model(spec(env={"STATUS": "404"}, start_timeout_sec=0.5))
+        # 2 s: time enough for the tiny server to listen even on a busy machine (then it answers 404).
+        model = await h.service.start_model(spec(env={"STATUS": "404"}, start_timeout_sec=2))
         await settled(h, model)
         replica = model.replicas[0]
         assert replica.state is ReplicaState.FAILED

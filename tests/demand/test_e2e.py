@@ -26,7 +26,7 @@ wake_timeout_sec = 20
 up_after_sec = 0.5
 down_after_sec = 1.0
 """
-FAST_SIM = ["--startup-s", "0.2", "--ttft-ms", "5", "--itl-ms", "1"]
+FAST_SIM = ["--startup-s", "0", "--ttft-ms", "5", "--itl-ms", "1"]
 
 
 class Events:
