@@ -101,6 +101,7 @@ class Model:
     desired: int = 0
     last_request_at: float | None = None
     loaded_at: float | None = None
+    evict_after: float = 0.0                # not evicted before (requests that waited for its wake are on their way)
     message: str | None = None              # why the last load failed, for people
 
     def __post_init__(self) -> None:

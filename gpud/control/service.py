@@ -28,7 +28,7 @@ from typing import Any
 from gpud.config import Settings
 from gpud.control.state import DemandRecord, StateStore
 from gpud.demand.evict import plan_eviction, views_without
-from gpud.demand.room import evictable_lru, gpu_rooms
+from gpud.demand.room import WAKE_GRACE_SEC, evictable_lru, eviction_order, gpu_rooms, is_free
 from gpud.errors import Conflict, DoesNotFit, GpudError, InvalidInput, NotFound, Unavailable
 from gpud.gpus.ledger import Ledger, Reservation
 from gpud.gpus.placement import PlacementRequest, ReplicaPlacement, place, plan_json
@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 
 # How often a wake that waits for room (SPEC §12: the models that could make room are in use) tries again.
 ROOM_POLL_SEC = 0.05
+
+
+class RoomComing(DoesNotFit):
+    """A wake would fit once the models it must evict are free (no request in flight, nothing in progress)."""
 
 
 def placement_request(spec: ModelSpec, replicas: int, multi_replica: bool) -> PlacementRequest:
@@ -97,29 +101,26 @@ class ModelService:
         request = placement_request(spec, replicas, self.settings.multi_replica)
         return place(request, self.ledger.views(), first_index=first_index)
 
-    def _make_room(self, spec: ModelSpec, replicas: int, first_index: int) -> tuple[list[ReplicaPlacement], list[Model]]:
+    def _make_room(self, spec: ModelSpec, replicas: int, first_index: int, *,
+                   waiting: bool = False) -> tuple[list[ReplicaPlacement], list[Model]]:
         """Where `replicas` new replicas of `spec` go, and the models to evict first (none when they fit as
-        things are). Raises the §4 DoesNotFit, with nothing changed, when no eviction would help."""
+        things are). Raises the §4 DoesNotFit, with nothing changed, when no eviction would help; with
+        `waiting` (a wake), RoomComing when the models to evict are in use or busy for now."""
         self.ledger.refresh()
         request = placement_request(spec, replicas, self.settings.multi_replica)
         try:
             return place(request, self.ledger.views(), first_index=first_index), []
-        except DoesNotFit:
-            candidates = evictable_lru(self.registry, needed_by=spec.name)
+        except DoesNotFit as refusal:
+            now = time.time()
+            order = (eviction_order if waiting else evictable_lru)(self.registry, needed_by=spec.name, now=now)
             plan = plan_eviction(request, gpu_rooms(self.ledger), self.ledger.reservations(),
-                                 [m.name for m in candidates], first_index=first_index)
+                                 [m.name for m in order], first_index=first_index)
             if plan is None:
                 raise
-            return plan.placements, [self.registry.models[name] for name in plan.evict]
-
-    def _room_coming(self, model: Model) -> bool:
-        """Whether evicting every evictable model, in use or not, would let `model` be placed: then room comes
-        once their requests end (or their loads finish), and a wake may wait for it."""
-        spec = model.spec
-        request = placement_request(spec, spec.replicas, self.settings.multi_replica)
-        evictable = [m.name for m in self.registry
-                     if m is not model and m.spec.evictable and not m.idle and not m.stopping and m.replicas]
-        return plan_eviction(request, gpu_rooms(self.ledger), self.ledger.reservations(), evictable) is not None
+            victims = [self.registry.models[name] for name in plan.evict]
+            if not all(is_free(v, now) for v in victims):
+                raise RoomComing(refusal.message, details=refusal.details) from None
+            return plan.placements, victims
 
     def _check_could_fit(self, spec: ModelSpec) -> None:
         """An on-demand model that could not be placed even on GPUs gpud holds nothing on is refused now."""
@@ -363,9 +364,9 @@ class ModelService:
         placement's reason when the model cannot be placed even after eviction (it stays idle), and
         Unavailable when the wake fails or the model is stopped meanwhile.
 
-        When it does not fit only because the models that could make room are in use right now (requests in
-        flight, or loading), it waits for them, up to `proxy.wake_timeout_sec`: the requests waiting for this
-        wake would rather be answered late than be refused while room is about to come."""
+        When the models to evict for it are in use right now (requests in flight, loading, just woken), it
+        waits for them, up to `proxy.wake_timeout_sec`: the requests waiting for this wake would rather be
+        answered late than be refused while room is about to come (gpud.demand.room)."""
         deadline = time.monotonic() + self.settings.proxy.wake_timeout_sec
         while True:
             self._check_open()
@@ -378,9 +379,9 @@ class ModelService:
             if model.idle and model.operation is None:
                 try:
                     self._begin_load(model, why="request")
-                except DoesNotFit:
-                    if time.monotonic() >= deadline or not self._room_coming(model):
-                        raise
+                except RoomComing as exc:
+                    if time.monotonic() >= deadline:
+                        raise DoesNotFit(exc.message, details=exc.details) from None
                     await asyncio.sleep(ROOM_POLL_SEC)  # in-flight counts change without an event
                     continue
             elif model.operation is None:
@@ -442,7 +443,7 @@ class ModelService:
         """Place an idle model (evicting if need be) and start its replicas; DoesNotFit with nothing changed."""
         self._check_open()
         spec = model.spec
-        placements, victims = self._make_room(spec, spec.replicas, 0)
+        placements, victims = self._make_room(spec, spec.replicas, 0, waiting=why == "request")
         self._reserve(spec, placements, victims)
         model.idle = False
         model.desired = spec.replicas
@@ -453,10 +454,12 @@ class ModelService:
         self.registry.publish({"type": "wake", "name": model.name, "why": why})
         unloads = self._evict(victims, needed_by=model)
         self._save_demand()
-        self._begin(model, Operation.LOAD, self._run_load(model, unloads))
+        self._begin(model, Operation.LOAD, self._run_load(model, unloads, for_requests=why == "request"))
 
-    async def _run_load(self, model: Model, unloads: Sequence[asyncio.Task[None]]) -> None:
+    async def _run_load(self, model: Model, unloads: Sequence[asyncio.Task[None]], *, for_requests: bool) -> None:
         await self._run_start(model, unloads)
+        if model.ready_replicas() and for_requests:
+            model.evict_after = time.time() + WAKE_GRACE_SEC  # its waiting requests are on their way
         if model.ready_replicas() or model.stopping:
             return
         # Not one replica came up: back to idle with the reason, so that the next request tries again.

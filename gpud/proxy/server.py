@@ -312,6 +312,7 @@ class Proxy:
                     except WakeError as exc:
                         return self._wake_refused(name, exc)
                     model = self._registry.get(name) or model
+                    model.last_request_at = time.time()  # it begins on the model now
                 return await self._forward(request, model, body, started, stall)
             finally:
                 model.last_request_at = time.time()  # the idle clock starts again when the last one ends
