@@ -108,6 +108,10 @@ class ProxySettings:
     workers: int = 1
     # SPEC §13: prefix blocks the `prefix` routing policy remembers (per worker), least recently used dropped.
     prefix_table_blocks: int = 100_000
+    # SPEC §12: how long a request for an idle model waits for its wake, and how many may wait per model
+    # (one more gets 503 + Retry-After at once; see gpud.proxy.wake).
+    wake_timeout_sec: float = 600.0
+    wake_queue: int = 1024
 
     @property
     def listen(self) -> str:
@@ -164,6 +168,14 @@ class ClusterSettings:
 
 
 @dataclass(frozen=True)
+class ScaleSettings:
+    """SPEC §12 `[scale]`: how long load must stay high (low) before a replica is added (removed)."""
+
+    up_after_sec: float = 5.0
+    down_after_sec: float = 60.0
+
+
+@dataclass(frozen=True)
 class Settings:
     config_path: Path | None
     socket: str
@@ -176,6 +188,7 @@ class Settings:
     supervisor: SupervisorSettings = field(default_factory=SupervisorSettings)
     estimate: EstimateSettings = field(default_factory=EstimateSettings)
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
+    scale: ScaleSettings = field(default_factory=ScaleSettings)
     env: dict[str, str] = field(default_factory=dict)
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -195,8 +208,11 @@ _SECTIONS: dict[str, dict[str, tuple[type, ...]]] = {
         "max_connections": (int,),
         "workers": (int, str),
         "prefix_table_blocks": (int,),
+        "wake_timeout_sec": _NUMBER,
+        "wake_queue": (int,),
     },
     "estimate": {"kv_sequences": (int,), "overhead": (str, int)},
+    "scale": {f.name: _NUMBER for f in fields(ScaleSettings)},
     "supervisor": {
         f.name: ((str,) if f.name == "restart" else (int,) if f.name in ("start_limit_burst", "health_failures")
                  else _NUMBER)
@@ -289,7 +305,7 @@ def _proxy_settings(data: Mapping[str, Any], listen: str | None, environ: Mappin
     given["api_keys"] = tuple(keys)
     if "max_body" in proxy:
         given["max_body_bytes"] = parse_size(proxy["max_body"], what=f"proxy.max_body{where}")
-    for key in ("idle_timeout_sec", "client_timeout_sec"):
+    for key in ("idle_timeout_sec", "client_timeout_sec", "wake_timeout_sec"):
         if key in proxy:
             if not 0 < proxy[key] < math.inf:
                 raise InvalidInput(f"Config key 'proxy.{key}'{where} must be a number of seconds more than 0.")
@@ -306,7 +322,20 @@ def _proxy_settings(data: Mapping[str, Any], listen: str | None, environ: Mappin
         given["workers"] = resolve_workers(environ["GPUD_PROXY_WORKERS"], what="GPUD_PROXY_WORKERS")
     elif "workers" in proxy:
         given["workers"] = resolve_workers(proxy["workers"], what=f"config key 'proxy.workers'{where}")
+    if "wake_queue" in proxy:
+        if proxy["wake_queue"] < 1:
+            raise InvalidInput(f"Config key 'proxy.wake_queue'{where} must be at least 1.")
+        given["wake_queue"] = proxy["wake_queue"]
     return ProxySettings(**given)
+
+
+def _scale_settings(data: Mapping[str, Any], where: str) -> ScaleSettings:
+    given = dict(data.get("scale", {}))
+    for key, value in given.items():
+        if not 0 < value < math.inf:
+            raise InvalidInput(f"Config key 'scale.{key}'{where} must be a number of seconds more than 0.")
+        given[key] = float(value)
+    return ScaleSettings(**given)
 
 
 def _supervisor_settings(data: Mapping[str, Any], where: str) -> SupervisorSettings:
@@ -377,6 +406,7 @@ def load_settings(flags: Mapping[str, Any], environ: Mapping[str, str] = os.envi
         proxy=_proxy_settings(data, flags.get("listen") or environ.get("GPUD_LISTEN") or None, environ, where),
         supervisor=_supervisor_settings(data, where),
         estimate=_estimate_settings(data, where),
+        scale=_scale_settings(data, where),
         env=dict(data.get("env", {})),
         models={name: dict(table) for name, table in data.get("models", {}).items()},
         **given,

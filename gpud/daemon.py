@@ -98,6 +98,7 @@ class Daemon:
 
     async def serve(self) -> int:
         from gpud.control.api import ControlAPI, serve_unix
+        from gpud.demand.loop import DemandLoop
 
         settings = self.settings
         settings.state_dir.mkdir(parents=True, exist_ok=True)
@@ -125,7 +126,8 @@ class Daemon:
                                                "cluster": registrar.status() if registrar is not None else None})
         proxy = ProxyWorkers(registry, settings.proxy, run_dir=settings.state_dir / "run", instance=instance,
                              ledger_rows=lambda: ledger.to_json()["gpus"],
-                             on_connect_failure=supervisor.connect_failed)
+                             on_connect_failure=supervisor.connect_failed, on_wake=service.wake)
+        demand = DemandLoop(registry, service, settings.scale)
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -139,7 +141,7 @@ class Daemon:
             await self._restore(service)
             self.ready = True
             self.notifier.notify("READY=1", f"STATUS={_status_line(registry)}", f"MAINPID={os.getpid()}")
-            background = [loop.create_task(self._housekeeping(registry, ledger))]
+            background = [loop.create_task(self._housekeeping(registry, ledger)), loop.create_task(demand.run())]
             if registrar is not None:
                 background.append(loop.create_task(registrar.run(), name="cluster registrar"))
             await self._stop.wait()
@@ -174,10 +176,15 @@ class Daemon:
             except GpudError as exc:
                 log.error("[models.%s] in %s: %s", name, self.settings.config_path, exc.message)
         declared_names = {s.name for s in declared}
+        demand = service.store.load_demand()  # SPEC §12: idle models stay idle; nothing wakes by itself
         for spec in declared + [s for s in specs if s.name not in declared_names]:
             is_declared = spec.name in declared_names
+            record = demand.get(spec.name)
+            # An on-demand model comes back idle (nothing is loaded until asked); others as they were saved.
+            idle = spec.on_demand or (record is not None and record.idle)
             try:
-                await service.start_model(spec, declared=is_declared, restoring=not is_declared)
+                await service.start_model(spec, declared=is_declared, restoring=not is_declared, idle=idle,
+                                          last_request_at=record.last_request_at if record else None)
             except GpudError as exc:
                 log.error("cannot start model %s: %s (it stays saved; `gpud model stop %s` forgets it)",
                           spec.name, exc.message, spec.name)

@@ -7,6 +7,7 @@ and the CLI's progress display) through `Registry.publish`.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import enum
 import time
 from collections.abc import Callable, Iterator
@@ -35,6 +36,7 @@ class ModelState(str, enum.Enum):
     DEGRADED = "degraded"
     FAILED = "failed"
     STOPPING = "stopping"
+    IDLE = "idle"  # SPEC §12: no replica loaded; the next request (or `model load`) wakes it
 
 
 class Operation(str, enum.Enum):
@@ -44,6 +46,8 @@ class Operation(str, enum.Enum):
     SCALE = "scale"
     RESTART = "restart"
     STOP = "stop"
+    LOAD = "load"  # a wake: from a request or `model load`
+    UNLOAD = "unload"  # going idle: timeout, `model unload`, or evicted
 
 
 @dataclass
@@ -90,23 +94,40 @@ class Model:
     stopping: bool = False
     venv: dict[str, Any] | None = None      # {"path", "packages"} once the venv is resolved
     created_at: float = field(default_factory=time.time)
-    last_request_at: float | None = None    # when a request to it last began or ended (epoch s; the proxy's)
     operation: Operation | None = None      # while one is in progress
     task: asyncio.Task[None] | None = field(default=None, repr=False)  # the operation's task
+    # SPEC §12. `idle`: nothing loaded, wakes on demand. `desired`: replicas it runs now (spec.replicas, the
+    # floor, plus what load-based scaling added). `last_request_at`: when a POST to the model last began or
+    # ended (epoch s; the proxy workers count it, the daemon copies it here). `loaded_at`: when its last start or wake settled (the idle clock's start).
+    idle: bool = False
+    desired: int = 0
+    last_request_at: float | None = None
+    loaded_at: float | None = None
+    evict_after: float = 0.0                # not evicted before (requests that waited for its wake are on their way)
+    message: str | None = None              # why the last load failed, for people
+
+    def __post_init__(self) -> None:
+        if not self.desired:
+            self.desired = self.spec.replicas
 
     @property
     def name(self) -> str:
         return self.spec.name
 
+    def inflight(self) -> int:
+        return sum(r.inflight for r in self.replicas.values())
+
     def ready_replicas(self) -> list[Replica]:
         return [r for r in self.replicas.values() if r.state is ReplicaState.READY]
 
     def state(self) -> ModelState:
-        if self.stopping:
+        if self.stopping or self.operation is Operation.UNLOAD:
             return ModelState.STOPPING
+        if self.idle and not self.replicas:
+            return ModelState.IDLE
         states = [r.state for r in self.replicas.values()]
         ready = states.count(ReplicaState.READY)
-        if states and ready == len(states) == self.spec.replicas:
+        if states and ready == len(states) == self.desired:
             return ModelState.RUNNING
         if ready == 0 and ReplicaState.FAILED in states:  # SPEC §7: failed when none is ready
             return ModelState.FAILED
@@ -129,7 +150,7 @@ class Model:
             "engine": spec.engine,
             "state": self.state().value,
             "busy": self.operation is not None,
-            "replicas_desired": spec.replicas,
+            "replicas_desired": self.desired,
             "replicas_ready": len(self.ready_replicas()),
             "endpoint": endpoint,
             "env": mask_env(spec.env),
@@ -142,8 +163,22 @@ class Model:
             "estimate": None if spec.estimate is None else spec.estimate.to_json(),
             "args": list(spec.args),
             "created_at": self.created_at,
+            "last_request_at": _iso(self.last_request_at),
+            "idle_timeout_sec": spec.idle_timeout_sec,
+            "on_demand": spec.on_demand,
+            "min_replicas": spec.replicas,
+            "max_replicas": spec.max_replicas,
+            "target_inflight": spec.target_inflight,
+            "message": self.message,
             "replicas": [r.to_json() for r in sorted(self.replicas.values(), key=lambda r: r.index)],
         }
+
+
+def _iso(when: float | None) -> str | None:
+    """ISO 8601 in UTC with milliseconds (`2025-01-31T12:00:00.123+00:00`), or None."""
+    if when is None:
+        return None
+    return datetime.datetime.fromtimestamp(when, datetime.timezone.utc).isoformat(timespec="milliseconds")
 
 
 # The last event a subscriber gets: the daemon is going away. An event stream sends it and ends, so that

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from gpud.demand.duration import parse_duration
 from gpud.engines import DEFAULT_ENGINE, engine_named, validate_engine_request
 from gpud.errors import InvalidInput
 from gpud.estimate.formula import Estimate
@@ -26,6 +27,8 @@ MAX_REPLICAS = 1024
 VRAM_AUTO = "auto"  # SPEC §11: the reservation computed from the model's files
 MAX_CONTEXT_TOKENS = 2**30
 MAX_KV_SEQUENCES = 65536
+DEFAULT_TARGET_INFLIGHT = 8  # SPEC §12: requests in flight per replica before load-based scaling adds one
+MAX_TARGET_INFLIGHT = 1_000_000
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -35,6 +38,7 @@ _FIELDS = (
     "name", "model", "engine", "replicas", "gpus_per_replica", "vram", "gpu_idx", "placement",
     "env", "unset_env", "venv", "args", "command", "health_path", "start_timeout_sec",
     "context_tokens", "kv_sequences", "routing",
+    "idle_timeout", "on_demand", "max_replicas", "target_inflight",
 )
 
 
@@ -197,6 +201,15 @@ class ModelSpec:
     def with_estimate(self, estimate: Estimate) -> ModelSpec:
         """This spec reserving exactly what `estimate` computed."""
         return replace(self, vram_bytes=estimate.per_gpu_bytes, estimate=estimate)
+    idle_timeout_sec: float = 0.0  # SPEC §12: unload after this long without a request in flight; 0 = never
+    on_demand: bool = False  # starts idle; loaded by the first request (or `model load`)
+    max_replicas: int | None = None  # load-based scaling up to this many replicas; None = off
+    target_inflight: int = DEFAULT_TARGET_INFLIGHT
+
+    @property
+    def evictable(self) -> bool:
+        """SPEC §12: only a model that may go idle anyway may be unloaded to make room for another."""
+        return self.on_demand or self.idle_timeout_sec > 0
 
     @classmethod
     def from_json(cls, body: Any, *, check_files: bool = True) -> ModelSpec:
@@ -267,11 +280,25 @@ class ModelSpec:
         routing = body.get("routing", DEFAULT_ROUTING)
         if routing not in ROUTING_POLICIES:
             raise InvalidInput(f"Unknown routing {routing!r}: use one of {', '.join(ROUTING_POLICIES)}.")
+        replicas = _int_field(body, "replicas", 1, minimum=1, maximum=MAX_REPLICAS)
+        idle_timeout = parse_duration(body.get("idle_timeout", 0), what="idle_timeout")
+        on_demand = body.get("on_demand", False)
+        if not isinstance(on_demand, bool):
+            raise InvalidInput("Invalid on_demand: expected true or false.")
+        max_replicas = body.get("max_replicas")
+        if max_replicas is not None:
+            max_replicas = _int_field(body, "max_replicas", 1, minimum=1, maximum=MAX_REPLICAS)
+            if max_replicas < replicas:
+                raise InvalidInput(
+                    f"Invalid max_replicas {max_replicas}: it cannot be below replicas ({replicas})."
+                )
+        target_inflight = _int_field(body, "target_inflight", DEFAULT_TARGET_INFLIGHT, minimum=1,
+                                     maximum=MAX_TARGET_INFLIGHT)
         spec = cls(
             name=name,
             model=model,
             engine=engine,
-            replicas=_int_field(body, "replicas", 1, minimum=1, maximum=MAX_REPLICAS),
+            replicas=replicas,
             gpus_per_replica=_int_field(body, "gpus_per_replica", 1, minimum=1, maximum=64),
             vram_bytes=vram_bytes,
             gpu_idx=gpu_idx,
@@ -287,6 +314,10 @@ class ModelSpec:
             vram_auto=vram_auto,
             context_tokens=context_tokens,
             kv_sequences=kv_sequences,
+            idle_timeout_sec=idle_timeout,
+            on_demand=on_demand,
+            max_replicas=max_replicas,
+            target_inflight=target_inflight,
         )
         if estimate is not None:
             if estimate.gpus_per_replica != spec.gpus_per_replica:
@@ -304,6 +335,7 @@ class ModelSpec:
         d.pop("vram_auto")
         d["vram"] = VRAM_AUTO if self.vram_auto else self.vram_bytes
         d["estimate"] = None if self.estimate is None else self.estimate.to_json()
+        d["idle_timeout"] = d.pop("idle_timeout_sec")
         d["venv"] = {"packages": list(self.venv_packages)} if self.venv_packages else None
         d["gpu_idx"] = list(self.gpu_idx) if self.gpu_idx is not None else None
         for key in ("unset_env", "args"):

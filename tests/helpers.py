@@ -177,6 +177,9 @@ class LocalProxy:
                 if found is not None and index in found.replicas:
                     failed(found.replicas[index])
 
+            def wake(self, model: str) -> None:
+                raise RuntimeError(f"a LocalProxy wakes nothing (model {model!r})")
+
         self.proxy = Proxy(ProxySettings(**settings), counters=self.counters, link=Link())
         self._task: Any = None
 

@@ -100,3 +100,21 @@ def test_bad_multi_replica_env(tmp_path: Path) -> None:
 
 def test_default_socket_path_honours_env() -> None:
     assert default_socket_path({"GPUD_SOCKET": "/x.sock"}) == "/x.sock"
+
+
+def test_demand_settings(tmp_path: Path) -> None:
+    """SPEC §12: [scale] windows, proxy.wake_timeout_sec and proxy.wake_queue, with their defaults."""
+    s = load_settings({"config": None}, {"HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path / "none")})
+    assert (s.scale.up_after_sec, s.scale.down_after_sec) == (5.0, 60.0)
+    assert (s.proxy.wake_timeout_sec, s.proxy.wake_queue) == (600.0, 1024)
+    path = write(tmp_path, "[scale]\nup_after_sec = 2\ndown_after_sec = 0.5\n[proxy]\nwake_timeout_sec = 30\n"
+                           "wake_queue = 8\n")
+    s = load_settings({"config": str(path)}, {})
+    assert (s.scale.up_after_sec, s.scale.down_after_sec, s.proxy.wake_timeout_sec, s.proxy.wake_queue) == (
+        2.0, 0.5, 30.0, 8)
+    for text, words in [("[scale]\nup_after_sec = 0\n", "scale.up_after_sec"),
+                        ("[scale]\nsideways = 1\n", "scale.sideways"),
+                        ("[proxy]\nwake_timeout_sec = -1\n", "proxy.wake_timeout_sec"),
+                        ("[proxy]\nwake_queue = 0\n", "proxy.wake_queue")]:
+        with pytest.raises(InvalidInput, match=words):
+            load_settings({"config": str(write(tmp_path, text))}, {})

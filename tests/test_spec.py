@@ -94,3 +94,19 @@ def test_merge_order_later_wins_and_managed_last() -> None:
 def test_secrets_are_masked() -> None:
     masked = mask_env({"HF_TOKEN": "t", "api_key": "k", "DB_PASSWORD": "p", "MY_SECRET_X": "s", "PLAIN": "v"})
     assert masked == {"HF_TOKEN": "***", "api_key": "***", "DB_PASSWORD": "***", "MY_SECRET_X": "***", "PLAIN": "v"}
+
+
+def test_demand_fields_round_trip_and_refusals() -> None:
+    """SPEC §12 fields: idle_timeout (a duration), on_demand, max_replicas >= replicas, target_inflight >= 1."""
+    spec = ModelSpec.from_json({"model": "m", "idle_timeout": "1.5h", "on_demand": True, "replicas": 2,
+                                "max_replicas": 4, "target_inflight": 3})
+    assert (spec.idle_timeout_sec, spec.on_demand, spec.max_replicas, spec.target_inflight) == (5400, True, 4, 3)
+    assert spec.evictable and ModelSpec.from_json(spec.to_json()) == spec
+    plain = ModelSpec.from_json({"model": "m"})
+    assert (plain.idle_timeout_sec, plain.on_demand, plain.max_replicas, plain.target_inflight) == (0, False, None, 8)
+    assert not plain.evictable and ModelSpec.from_json({"model": "m", "idle_timeout": 90}).evictable
+    for body, words in [({"idle_timeout": "5x"}, "idle_timeout"), ({"idle_timeout": -1}, "negative"),
+                        ({"on_demand": 1}, "on_demand"), ({"replicas": 3, "max_replicas": 2}, "below replicas"),
+                        ({"max_replicas": 0}, "max_replicas"), ({"target_inflight": 0}, "target_inflight")]:
+        with pytest.raises(InvalidInput, match=words):
+            ModelSpec.from_json({"model": "m", **body})

@@ -227,8 +227,8 @@ class Client:
                 target = event.get("name")
                 if target is None and isinstance(event.get("model"), str):
                     target = event["model"]  # replica events name their model under "model"
-                if target is not None and target != name:
-                    continue
+                if target is not None and target != name and event.get("by") != name:
+                    continue  # (an eviction names the model that needed the room as "by")
                 if observer is not None:
                     observer(event)
                 kind = event.get("type")

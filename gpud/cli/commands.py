@@ -22,7 +22,7 @@ from gpud.units import parse_size
 
 # How long a command waits for its change before giving up (the change itself goes on in the daemon).
 # Starting includes venv builds and vLLM loading weights, hence the generous default.
-WAIT_TIMEOUTS = {"start": 900.0, "scale": 900.0, "restart": 900.0, "stop": 300.0}
+WAIT_TIMEOUTS = {"start": 900.0, "scale": 900.0, "restart": 900.0, "stop": 300.0, "load": 900.0, "unload": 300.0}
 EXIT_INTERRUPTED = 130
 Formatter = Callable[[Any], str]  # a gpud.cli.render format_* function
 
@@ -69,6 +69,8 @@ class Progress:
             lines = [line] if line else []
         elif kind == "progress":
             lines = [f"{event.get('phase') or 'progress'}: {event.get('line', '')}"]
+        elif kind in render.DEMAND_EVENTS:
+            lines = [render.demand_event(event)]
         if self.enabled and lines:
             sys.stderr.write("".join(line + "\n" for line in lines))
             sys.stderr.flush()
@@ -105,6 +107,8 @@ def _follow_operation(
         return 0
     _emit(ns, show, render.format_model_show)
     failure = None if ns.no_wait else render.failure_sentence(show)
+    if op == "load" and not ns.no_wait and show.get("state") == "idle":
+        failure = str(show.get("message") or f"Model {name!r} did not load.")
     if failure:
         err(failure)
         return 1
@@ -158,6 +162,19 @@ def cmd_restart(ns: argparse.Namespace) -> int:
     client = _client(ns)
     show = client.request("POST", model_path(ns.name, "restart"), {"rolling": ns.rolling})
     return _follow_operation(ns, client, show, "restart")
+
+
+def cmd_unload(ns: argparse.Namespace) -> int:
+    seconds(ns.timeout, "--timeout")
+    client = _client(ns)
+    return _follow_operation(ns, client, client.request("POST", model_path(ns.name, "unload"), {}), "unload")
+
+
+def cmd_load(ns: argparse.Namespace) -> int:
+    seconds(ns.timeout, "--timeout")
+    client = _client(ns)
+    show = client.request("POST", model_path(ns.name, "load"), {})
+    return _follow_operation(ns, client, show, "load", fresh=True)
 
 
 def cmd_logs(ns: argparse.Namespace) -> int:

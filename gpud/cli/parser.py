@@ -100,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the engine's, 600 for vllm and command)")
     p.add_argument("--routing", choices=ROUTING_POLICIES,
                    help="least-conn (default), session (X-Session-ID or user) or prefix (the prompt's prefix)")
+    p.add_argument("--idle-timeout", metavar="DURATION",
+                   help="unload after this long without a request, e.g. 15m, 1.5h, 90s (default 0: never)")
+    p.add_argument("--on-demand", action="store_true", help="load nothing until a request (or `model load`) asks")
+    p.add_argument("--max-replicas", metavar="M", help="add replicas under load, up to M (default: no scaling)")
+    p.add_argument("--target-inflight", metavar="T",
+                   help="requests in flight per replica before another is added (default 8)")
     _add_wait(p, "start")
     p.set_defaults(func=commands.cmd_start)
     _read_command(model, "list", "list models", "GET", "/v1/models", render.format_model_list)
@@ -118,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rolling", action="store_true", help="one replica at a time, keeping the others serving")
     _add_wait(p, "restart")
     p.set_defaults(func=commands.cmd_restart)
+    p = model.add_parser("unload", help="unload a model now (it wakes on its next request)")
+    _add_wait(p, "unload")
+    p.set_defaults(func=commands.cmd_unload)
+    p = model.add_parser("load", help="load an idle model now, evicting idle ones if room is needed")
+    _add_wait(p, "load")
+    p.set_defaults(func=commands.cmd_load)
     p = model.add_parser("logs", help="print a replica's log")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--replica", metavar="I", default="0", help="replica index (default 0)")

@@ -6,6 +6,7 @@ Missing optional keys render as "-" so an older or newer daemon never breaks the
 
 from __future__ import annotations
 
+import datetime
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -73,17 +74,51 @@ def format_model_list(body: Mapping[str, Any]) -> str:
     models = body.get("models") or []
     if not models:
         return "No models are running."
+    # The LAST REQUEST column only when a model follows demand (SPEC §12): it tells which one goes idle next.
+    demand = any(m.get("idle_timeout_sec") or m.get("on_demand") or m.get("max_replicas") for m in models)
     rows = [
         [
             m.get("name"),
             m.get("engine"),
             m.get("state"),
             f"{m.get('replicas_ready', 0)}/{m.get('replicas_desired', 0)}",
+            *([_ago(m.get("last_request_at"))] if demand else []),
             m.get("endpoint"),
         ]
         for m in models
     ]
-    return table(["NAME", "ENGINE", "STATE", "READY", "ENDPOINT"], rows)
+    headers = ["NAME", "ENGINE", "STATE", "READY", *(["LAST REQUEST"] if demand else []), "ENDPOINT"]
+    return table(headers, rows)
+
+
+def _ago(iso: Any, now: float | None = None) -> str:
+    """`5m 3s ago` for an ISO 8601 timestamp (the API's last_request_at), `-` for none."""
+    if not isinstance(iso, str):
+        return "-"
+    try:
+        when = datetime.datetime.fromisoformat(iso).timestamp()
+    except ValueError:
+        return iso
+    return f"{format_duration((time.time() if now is None else now) - when)} ago"
+
+
+def _demand_fields(show: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """SPEC §12 lines of `model show`, only for what is set."""
+    fields: list[tuple[str, Any]] = []
+    timeout = show.get("idle_timeout_sec")
+    if isinstance(timeout, (int, float)) and timeout > 0:
+        fields.append(("Idle timeout", format_duration(timeout)))
+    if show.get("on_demand"):
+        fields.append(("On demand", "yes (loaded by the first request)"))
+    if show.get("max_replicas") is not None:
+        floor = show.get("min_replicas", "-")
+        fields.append(("Scaling", f"{floor}-{show['max_replicas']} replicas, "
+                                  f"{show.get('target_inflight', '-')} in flight per replica"))
+    if show.get("last_request_at") or timeout or show.get("on_demand"):
+        fields.append(("Last request", _ago(show.get("last_request_at"))))
+    if show.get("message"):
+        fields.append(("Note", show["message"]))
+    return fields
 
 
 def replica_failure(replica: Mapping[str, Any]) -> str:
@@ -107,6 +142,7 @@ def format_model_show(show: Mapping[str, Any]) -> str:
         ("State", state),
         ("Ready", f"{show.get('replicas_ready', 0)}/{show.get('replicas_desired', 0)} replicas"),
         ("Endpoint", show.get("endpoint")),
+        *_demand_fields(show),
     ]
     if show.get("routing") not in (None, "least-conn"):
         fields.append(("Routing", show.get("routing")))
@@ -214,6 +250,21 @@ def replica_changes(previous: Mapping[int, Mapping[str, Any]], show: Mapping[str
         if line:
             lines.append(line)
     return lines
+
+
+DEMAND_EVENTS = ("idle", "wake", "evicted", "scaled")
+
+
+def demand_event(event: Mapping[str, Any]) -> str:
+    """One progress line for a SPEC §12 event (idle, wake, evicted, scaled)."""
+    kind, name = event.get("type"), event.get("name")
+    if kind == "evicted":
+        return f"evicting {name} (idle, least recently used) to make room for {event.get('by')}"
+    if kind == "wake":
+        return f"{name}: waking ({event.get('why') or 'asked'})"
+    if kind == "idle":
+        return f"{name}: idle ({event.get('why') or 'unloaded'})"
+    return f"{name}: {event.get('from')} → {event.get('to')} replicas ({event.get('why') or 'load'})"
 
 
 # ---- GPUs, plans, status, venvs ----------------------------------------------------------------------

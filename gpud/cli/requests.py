@@ -8,12 +8,14 @@ import argparse
 import os
 from typing import Any
 
+from gpud.demand.duration import parse_duration
 from gpud.errors import InvalidInput
 from gpud.estimate.refusal import NEEDS_MODEL
 from gpud.spec import (
     MAX_CONTEXT_TOKENS,
     MAX_KV_SEQUENCES,
     MAX_REPLICAS,
+    MAX_TARGET_INFLIGHT,
     VRAM_AUTO,
     default_name,
     is_local_path,
@@ -147,4 +149,24 @@ def start_body(ns: argparse.Namespace) -> dict[str, Any]:
     start_timeout = seconds(ns.start_timeout, "--start-timeout")
     if start_timeout is not None:
         body["start_timeout_sec"] = start_timeout
+    body.update(demand_fields(ns, body["replicas"]))
+    return body
+
+
+def demand_fields(ns: argparse.Namespace, replicas: int) -> dict[str, Any]:
+    """SPEC §12 fields of `model start`: --idle-timeout, --on-demand, --max-replicas, --target-inflight."""
+    body: dict[str, Any] = {}
+    if ns.idle_timeout is not None:
+        parse_duration(ns.idle_timeout, what="--idle-timeout")
+        body["idle_timeout"] = ns.idle_timeout  # sent as typed; the daemon parses it the same way
+    if ns.on_demand:
+        body["on_demand"] = True
+    ceiling = whole(ns.max_replicas, "--max-replicas", 1, MAX_REPLICAS)
+    if ceiling is not None:
+        if ceiling < replicas:
+            raise InvalidInput(f"Invalid --max-replicas {ceiling}: it cannot be below --replicas ({replicas}).")
+        body["max_replicas"] = ceiling
+    target = whole(ns.target_inflight, "--target-inflight", 1, MAX_TARGET_INFLIGHT)
+    if target is not None:
+        body["target_inflight"] = target
     return body

@@ -165,7 +165,7 @@ class ControlAPI:
         # A raw "/" separates the action; a "/" inside a name arrives as %2F (SPEC §8). A client that did not
         # encode it still reaches GET/PATCH/DELETE of the model: the raw segments are joined back.
         raw = request.raw_path.split("?", 1)[0][len("/v1/models/"):].split("/")
-        action = raw.pop() if len(raw) > 1 and raw[-1] in ("restart", "logs") else None
+        action = raw.pop() if len(raw) > 1 and raw[-1] in ("restart", "logs", "load", "unload") else None
         name = unquote("/".join(raw))
         method = request.method
         if action is None and method == "GET":
@@ -185,6 +185,12 @@ class ControlAPI:
             if not isinstance(rolling, bool):  # unknown fields too: an invalid request must not restart anything
                 raise InvalidInput('restart takes {"rolling": true|false}.')
             model = await self.service.restart(name, rolling)
+            return web.json_response(self.service.show(model), status=202)
+        if action in ("load", "unload") and method == "POST":
+            body = await _json_body(request)
+            if body not in ({}, None):  # an invalid request must not load or unload anything
+                raise InvalidInput(f"{action} takes no fields.")
+            model = await (self.service.load(name) if action == "load" else self.service.unload(name))
             return web.json_response(self.service.show(model), status=202)
         if action == "logs" and method == "GET":
             return await self.logs(request, name)
@@ -231,7 +237,8 @@ class ControlAPI:
                     await send(event)
                     break
                 changed_name = str(event.get("name", ""))
-                if only and changed_name != only:
+                # An eviction also concerns the model that needed the room (its start or load shows it).
+                if only and only not in (changed_name, event.get("by")):
                     continue
                 if event["type"] == "changed":
                     # Coalesce a burst of changes of one model into one event with its latest state.

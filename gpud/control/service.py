@@ -1,4 +1,5 @@
-"""Model operations: start, scale, stop, restart, plan — validated, placed all-or-nothing, then supervised.
+"""Model operations: start, scale, stop, restart, plan, and (SPEC §12) unload, load, wake and load-based
+scaling — validated, placed all-or-nothing, then supervised.
 
 The control API calls these; each mutation marks the model busy (`Model.operation`) until it is done, so
 clients can wait for exactly that (SPEC §5: start/stop/scale/restart wait until done or failed for good).
@@ -6,6 +7,13 @@ clients can wait for exactly that (SPEC §5: start/stop/scale/restart wait until
 This module is the one owner of GPU reservations: it reserves what placement chose, and releases a
 replica's reservation when it stopped the replica itself or when the supervisor reports that the replica
 ended by itself (`_replica_ended`), in both cases once no process of it is left. A restart keeps it.
+
+Eviction (start, scale, load and wake; never load-based scaling): when a request does not fit, the pure
+planner (gpud.demand.evict) names the idle-able models to unload, or none helps and the §4 refusal stands
+with nothing changed. Otherwise the request's reservation is taken at once *in place of* theirs (the ledger
+counts both until their processes are gone, so nobody else can take the room meanwhile), they are unloaded
+(§7 stop sequence, each reservation released once its processes are gone), and only then do the new
+replicas start.
 """
 
 from __future__ import annotations
@@ -14,11 +22,14 @@ import asyncio
 import dataclasses
 import logging
 import os
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from gpud.config import Settings
-from gpud.control.state import StateStore
+from gpud.control.state import DemandRecord, StateStore
+from gpud.demand.evict import plan_eviction, views_without
+from gpud.demand.room import WAKE_GRACE_SEC, evictable_lru, eviction_order, gpu_rooms, is_free
 from gpud.errors import Conflict, DoesNotFit, GpudError, InvalidInput, NotFound, Unavailable
 from gpud.estimate.measured import with_measured
 from gpud.estimate.refusal import NEEDS_MODEL
@@ -30,6 +41,13 @@ from gpud.spec import MAX_REPLICAS, VRAM_AUTO, ModelSpec
 from gpud.supervise.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
+
+# How often a wake that waits for room (SPEC §12: the models that could make room are in use) tries again.
+ROOM_POLL_SEC = 0.05
+
+
+class RoomComing(DoesNotFit):
+    """A wake would fit once the models it must evict are free (no request in flight, nothing in progress)."""
 
 
 def placement_request(spec: ModelSpec, replicas: int, multi_replica: bool) -> PlacementRequest:
@@ -98,6 +116,37 @@ class ModelService:
         request = placement_request(spec, replicas, self.settings.multi_replica)
         return place(request, self.ledger.views(), first_index=first_index)
 
+    def _make_room(self, spec: ModelSpec, replicas: int, first_index: int, *,
+                   waiting: bool = False) -> tuple[list[ReplicaPlacement], list[Model]]:
+        """Where `replicas` new replicas of `spec` go, and the models to evict first (none when they fit as
+        things are). Raises the §4 DoesNotFit, with nothing changed, when no eviction would help; with
+        `waiting` (a wake), RoomComing when the models to evict are in use or busy for now."""
+        self.ledger.refresh()
+        request = placement_request(spec, replicas, self.settings.multi_replica)
+        try:
+            return place(request, self.ledger.views(), first_index=first_index), []
+        except DoesNotFit as refusal:
+            now = time.time()
+            order = (eviction_order if waiting else evictable_lru)(self.registry, needed_by=spec.name, now=now)
+            plan = plan_eviction(request, gpu_rooms(self.ledger), self.ledger.reservations(),
+                                 [m.name for m in order], first_index=first_index)
+            if plan is None:
+                raise
+            victims = [self.registry.models[name] for name in plan.evict]
+            if not all(is_free(v, now) for v in victims):
+                raise RoomComing(refusal.message, details=refusal.details) from None
+            return plan.placements, victims
+
+    def _check_could_fit(self, spec: ModelSpec) -> None:
+        """An on-demand model that could not be placed even on GPUs gpud holds nothing on is refused now."""
+        self.ledger.refresh()
+        request = placement_request(spec, spec.replicas, self.settings.multi_replica)
+        try:
+            place(request, views_without(gpu_rooms(self.ledger), [], ()))
+        except DoesNotFit as exc:
+            reason = f"{exc.message[:-1]}, even with no other model loaded."
+            raise DoesNotFit(reason, details={"plan": plan_json(None, reason)}) from None
+
     async def plan(self, body: Any) -> dict[str, Any]:
         if isinstance(body, dict) and "model" not in body:
             if str(body.get("vram")).strip().lower() == VRAM_AUTO:
@@ -114,11 +163,11 @@ class ModelService:
         return {**plan_json(placements, None), "estimate": estimate}
 
     # ---- reservations: taken and released here only ---------------------------------------------------
-    def _reserve(self, spec: ModelSpec, placements: list[ReplicaPlacement]) -> None:
+    def _reserve(self, spec: ModelSpec, placements: list[ReplicaPlacement], evicting: Sequence[Model] = ()) -> None:
         self.ledger.reserve([
             Reservation(spec.name, p.index, p.gpus, p.vram_by_gpu, exclusive=spec.vram_bytes is None)
             for p in placements
-        ])
+        ], replacing=[m.name for m in evicting])
 
     def _release(self, model: str, indices: list[int] | None = None) -> None:
         """Free the memory of these replicas of `model` (every one when `indices` is None)."""
@@ -135,32 +184,49 @@ class ModelService:
         self.supervisor.launch(model, replica, self._replica_ended)
 
     # ---- operations ---------------------------------------------------------------------------------
-    async def start_model(self, spec: ModelSpec, *, declared: bool = False, restoring: bool = False) -> Model:
+    async def start_model(self, spec: ModelSpec, *, declared: bool = False, restoring: bool = False,
+                          idle: bool | None = None, last_request_at: float | None = None) -> Model:
+        """Start `spec` (SPEC §5), or register it idle (on-demand, or idle when the daemon last saved it)."""
         self._check_open()
         if spec.needs_estimate:  # header reads only, but a cold network disk must not stall the loop
             spec = await asyncio.to_thread(self._estimated, spec)
             self._check_open()
         if spec.name in self.registry.models:
             raise Conflict(f"A model named {spec.name!r} is already running; stop it first or pick another --name.")
-        placements = self._place(spec, spec.replicas, 0)
-        self._reserve(spec, placements)  # all or nothing; nothing else has changed yet
-        if not (declared or restoring):
+        idle = spec.on_demand if idle is None else idle
+        booting = declared or restoring  # a boot places what fits and evicts nothing (it wakes nothing)
+        placements: list[ReplicaPlacement] = []
+        victims: list[Model] = []
+        if idle:
+            if not booting:
+                self._check_could_fit(spec)
+        elif booting:
+            placements = self._place(spec, spec.replicas, 0)
+        else:
+            placements, victims = self._make_room(spec, spec.replicas, 0)
+        self._reserve(spec, placements, victims)  # all or nothing; nothing else has changed yet
+        if not booting:
             try:
-                self._save({spec.name: spec})
+                self._save({spec.name: spec}, idle={spec.name: idle})
             except GpudError:
                 self._release(spec.name)
                 raise
         self.unrestored.pop(spec.name, None)
-        model = Model(spec)
+        model = Model(spec, idle=idle, last_request_at=last_request_at)
         for p in placements:
             model.replicas[p.index] = Replica(spec.name, p.index, p.gpus, p.vram_by_gpu)
         self.registry.models[spec.name] = model
         if declared:
             self.declared.add(spec.name)
-        self._begin(model, Operation.START, self._run_start(model))
+        if idle:
+            self.registry.changed(spec.name)
+            return model
+        unloads = self._evict(victims, needed_by=model)
+        self._begin(model, Operation.START, self._run_start(model, unloads))
         return model
 
-    async def _run_start(self, model: Model) -> None:
+    async def _run_start(self, model: Model, unloads: Sequence[asyncio.Task[None]] = ()) -> None:
+        await self._gone(unloads)
         if self.prepare is not None:
             try:
                 await self.prepare(model)
@@ -174,22 +240,32 @@ class ModelService:
             if not model.stopping:
                 self._launch(model, replica)
         await self._wait_settled(model)
+        if model.ready_replicas():
+            model.loaded_at = time.time()  # SPEC §12: the idle clock starts when the model is running
 
     async def scale(self, name: str, replicas: int) -> Model:
+        """`model scale` (SPEC §5); it also sets the floor that load-based scaling never goes below (§12)."""
         model = self.get(name)
         if isinstance(replicas, bool) or not isinstance(replicas, int) or not 1 <= replicas <= MAX_REPLICAS:
             raise InvalidInput(f"Invalid replicas: expected a whole number from 1 to {MAX_REPLICAS}.")
+        ceiling = model.spec.max_replicas
+        if ceiling is not None and replicas > ceiling:
+            raise InvalidInput(f"Invalid replicas {replicas}: model {name!r} has max_replicas {ceiling}.")
         self._check_idle(model)
         current = sorted(model.replicas)
         spec = dataclasses.replace(model.spec, replicas=replicas)
-        if replicas > len(current):
+        new: list[Replica] = []
+        removed: list[int] = []
+        victims: list[Model] = []
+        if model.idle:
+            pass  # nothing loaded: the new count is what the next wake places
+        elif replicas > len(current):
             first = (current[-1] + 1) if current else 0
-            placements = self._place(model.spec, replicas - len(current), first)
-            self._reserve(model.spec, placements)
+            placements, victims = self._make_room(model.spec, replicas - len(current), first)
+            self._reserve(model.spec, placements, victims)
             new = [Replica(name, p.index, p.gpus, p.vram_by_gpu) for p in placements]
-            removed: list[int] = []
         else:
-            new, removed = [], current[replicas:]
+            removed = current[replicas:]
         if name not in self.declared:
             try:
                 self._save({name: spec})
@@ -197,16 +273,23 @@ class ModelService:
                 self._release(name, [r.index for r in new])
                 raise
         model.spec = spec
-        self._begin(model, Operation.SCALE, self._run_scale(model, new, removed))
+        model.desired = replicas
+        if model.idle:
+            self.registry.changed(name)
+            return model
+        unloads = self._evict(victims, needed_by=model)
+        self._begin(model, Operation.SCALE, self._run_scale(model, new, removed, unloads))
         return model
 
-    async def _run_scale(self, model: Model, new: list[Replica], removed: list[int]) -> None:
+    async def _run_scale(self, model: Model, new: list[Replica], removed: list[int],
+                         unloads: Sequence[asyncio.Task[None]] = ()) -> None:
         for index in removed:
             self.registry.set_state(model.replicas[index], ReplicaState.STOPPING)
         await asyncio.gather(*(self.supervisor.stop(model.name, i) for i in removed))
         self._release(model.name, removed)
         for index in removed:
             model.replicas.pop(index, None)
+        await self._gone(unloads)
         for replica in new:
             model.replicas[replica.index] = replica
             self._launch(model, replica)
@@ -216,6 +299,8 @@ class ModelService:
         model = self.get(name)
         self._check_open()
         self._check_idle(model)
+        if model.idle:
+            raise Conflict(f"Model {name!r} is idle: nothing runs to restart (`gpud model load {name}` loads it).")
         self._begin(model, Operation.RESTART, self._run_restart(model, rolling))
         return model
 
@@ -273,6 +358,164 @@ class ModelService:
         self._launch(model, fresh)
         return fresh
 
+    # ---- demand (SPEC §12): unload, load, wake, eviction, load-based scaling ---------------------------
+    async def unload(self, name: str, *, why: str = "unload") -> Model:
+        """Make the model idle now: its replicas stop (§7), their memory is released, it wakes on demand."""
+        self._check_open()
+        model = self.get(name)
+        if model.operation is Operation.UNLOAD or (model.idle and not model.replicas):
+            return model
+        self._check_idle(model)
+        self._begin_unload(model, why)
+        return model
+
+    async def load(self, name: str) -> Model:
+        """`model load`: begin waking an idle model (placing it, evicting if need be) and return; a model
+        that is loaded or loading already is returned as it is. DoesNotFit when it cannot be placed."""
+        self._check_open()
+        model = self.get(name)
+        if model.operation is Operation.UNLOAD and model.task is not None:
+            await asyncio.wait([model.task])  # then wake it again, as asked
+            model = self.get(name)
+        if model.idle and model.operation is None:
+            self._begin_load(model, why="load")
+        return model
+
+    async def wake(self, name: str) -> Model:
+        """Wake for a request: returns once a replica of the model is ready. Idempotent: however many callers,
+        one wake; a caller that goes away (is cancelled) does not cancel it. Raises DoesNotFit with the
+        placement's reason when the model cannot be placed even after eviction (it stays idle), and
+        Unavailable when the wake fails or the model is stopped meanwhile.
+
+        When the models to evict for it are in use right now (requests in flight, loading, just woken), it
+        waits for them, up to `proxy.wake_timeout_sec`: the requests waiting for this wake would rather be
+        answered late than be refused while room is about to come (gpud.demand.room)."""
+        deadline = time.monotonic() + self.settings.proxy.wake_timeout_sec
+        while True:
+            self._check_open()
+            model = self.get(name)
+            if model.ready_replicas():
+                return model
+            if model.operation is Operation.UNLOAD and model.task is not None:
+                await asyncio.wait([model.task])  # not cancelled if this caller is
+                continue
+            if model.idle and model.operation is None:
+                try:
+                    self._begin_load(model, why="request")
+                except RoomComing as exc:
+                    if time.monotonic() >= deadline:
+                        raise DoesNotFit(exc.message, details=exc.details) from None
+                    await asyncio.sleep(ROOM_POLL_SEC)  # in-flight counts change without an event
+                    continue
+            elif model.operation is None:
+                raise Unavailable(f"Model {name!r} has no ready replica ({model.state().value}).")
+            await self._first_ready(model)
+            return model
+
+    async def autoscale(self, name: str, to: int, why: str) -> None:
+        """Load-based scaling (gpud.demand.scale decided it): one replica more or less, never evicting, not
+        saved (a restart or a wake comes back with the floor). DoesNotFit when the new replica has no room."""
+        model = self.get(name)
+        if model.idle or model.stopping or model.operation is not None:
+            return
+        current = sorted(model.replicas)
+        new: list[Replica] = []
+        removed: list[int] = []
+        if to > len(current):
+            placements = self._place(model.spec, 1, (current[-1] + 1) if current else 0)
+            self._reserve(model.spec, placements)
+            new = [Replica(name, p.index, p.gpus, p.vram_by_gpu) for p in placements]
+        elif to < len(current) and len(current) > model.spec.replicas:
+            removed = current[-1:]  # the highest index, drained by the stop
+        else:
+            return
+        before, model.desired = model.desired, len(current) + len(new) - len(removed)
+        log.info("model %s: %d → %d replicas (%s)", name, before, model.desired, why)
+        self.registry.publish({"type": "scaled", "name": name, "from": before, "to": model.desired, "why": why})
+        self._begin(model, Operation.SCALE, self._run_scale(model, new, removed))
+
+    def _evict(self, victims: Sequence[Model], *, needed_by: Model) -> list[asyncio.Task[None]]:
+        """Begin unloading the models the planner chose for `needed_by`; their tasks end when they are idle."""
+        tasks = []
+        for victim in victims:
+            log.info("model %s: evicted to make room for %s", victim.name, needed_by.name)
+            self.registry.publish({"type": "evicted", "name": victim.name, "by": needed_by.name})
+            tasks.append(self._begin_unload(victim, "evicted"))
+        return tasks
+
+    def _begin_unload(self, model: Model, why: str) -> asyncio.Task[None]:
+        # Out of the balancer now, in this same step: no request may be routed to it from here on.
+        for replica in model.replicas.values():
+            if replica.state not in (ReplicaState.FAILED, ReplicaState.STOPPED):
+                self.registry.set_state(replica, ReplicaState.STOPPING)
+        return self._begin(model, Operation.UNLOAD, self._run_unload(model, why))
+
+    async def _run_unload(self, model: Model, why: str) -> None:
+        await asyncio.gather(*(self.supervisor.stop(model.name, i) for i in list(model.replicas)))
+        self._release(model.name)
+        model.replicas.clear()
+        model.idle = True
+        model.desired = model.spec.replicas  # it comes back with its floor
+        model.loaded_at = None
+        log.info("model %s: idle (%s)", model.name, why)
+        self._save_demand()
+        self.registry.publish({"type": "idle", "name": model.name, "why": why})
+
+    def _begin_load(self, model: Model, why: str) -> None:
+        """Place an idle model (evicting if need be) and start its replicas; DoesNotFit with nothing changed."""
+        self._check_open()
+        spec = model.spec
+        placements, victims = self._make_room(spec, spec.replicas, 0, waiting=why == "request")
+        self._reserve(spec, placements, victims)
+        model.idle = False
+        model.desired = spec.replicas
+        model.message = None
+        for p in placements:
+            model.replicas[p.index] = Replica(spec.name, p.index, p.gpus, p.vram_by_gpu)
+        log.info("model %s: waking (%s)", model.name, why)
+        self.registry.publish({"type": "wake", "name": model.name, "why": why})
+        unloads = self._evict(victims, needed_by=model)
+        self._save_demand()
+        self._begin(model, Operation.LOAD, self._run_load(model, unloads, for_requests=why == "request"))
+
+    async def _run_load(self, model: Model, unloads: Sequence[asyncio.Task[None]], *, for_requests: bool) -> None:
+        await self._run_start(model, unloads)
+        if model.ready_replicas() and for_requests:
+            model.evict_after = time.time() + WAKE_GRACE_SEC  # its waiting requests are on their way
+        if model.ready_replicas() or model.stopping:
+            return
+        # Not one replica came up: back to idle with the reason, so that the next request tries again.
+        failure = next((r.message for r in model.replicas.values() if r.message), None)
+        await asyncio.gather(*(self.supervisor.stop(model.name, i) for i in list(model.replicas)))
+        self._release(model.name)
+        model.replicas.clear()
+        model.idle = True
+        model.message = f"The last load failed: {(failure or 'no replica became ready').rstrip('.')}."
+        log.warning("model %s: %s", model.name, model.message)
+        self._save_demand()
+        self.registry.publish({"type": "idle", "name": model.name, "why": "load failed"})
+
+    async def _first_ready(self, model: Model) -> None:
+        """Wait until a replica of `model` is ready; Unavailable when its operation ends without one."""
+        queue = self.registry.subscribe()
+        try:
+            while not model.ready_replicas():
+                self._check_open()
+                if model.stopping or self.registry.models.get(model.name) is not model:
+                    raise Unavailable(f"Model {model.name!r} was stopped while it was loading.")
+                if model.operation is None:
+                    reason = model.message or f"Model {model.name!r} has no ready replica ({model.state().value})."
+                    raise Unavailable(reason)
+                await queue.get()
+        finally:
+            self.registry.unsubscribe(queue)
+
+    async def _gone(self, unloads: Sequence[asyncio.Task[None]]) -> None:
+        """Wait until the evicted models are unloaded (their processes gone); cancelling this waiter leaves
+        their unloads running."""
+        if unloads:
+            await asyncio.wait(unloads)
+
     async def stop_model(self, name: str) -> Model:
         self._check_open()
         if name in self.unrestored and name not in self.registry.models:
@@ -328,7 +571,7 @@ class ModelService:
         if model.operation is not None:
             raise Conflict(f"Model {model.name!r} is busy ({model.operation.value}); wait for it to finish.")
 
-    def _begin(self, model: Model, operation: Operation, work: Awaitable[None]) -> None:
+    def _begin(self, model: Model, operation: Operation, work: Awaitable[None]) -> asyncio.Task[None]:
         model.operation = operation
         self.registry.changed(model.name)
 
@@ -348,6 +591,7 @@ class ModelService:
         model.task = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _wait_settled(self, model: Model) -> None:
         queue = self.registry.subscribe()
@@ -363,16 +607,28 @@ class ModelService:
         except GpudError as exc:
             log.error("%s", exc.message)
 
-    def _save(self, changes: dict[str, ModelSpec | None]) -> None:
-        """Write the desired state as it will be after `changes` (name → new spec, or None: removed), before
-        anything changes in memory: a write that fails (full disk) leaves both the file and the daemon as they were."""
+    def _save_demand(self) -> None:
+        """Record which models are idle (SPEC §12: a restart keeps them so); a failure is logged, not raised:
+        the models' requests are saved already, and the next save tries again."""
+        self.save_now()
+
+    def _save(self, changes: dict[str, ModelSpec | None], idle: dict[str, bool] | None = None) -> None:
+        """Write the desired state as it will be after `changes` (name → new spec, or None: removed; `idle`:
+        name → idle or not), before anything changes in memory: a write that fails (full disk) leaves both
+        the file and the daemon as they were."""
         specs: dict[str, ModelSpec | None] = {
             m.name: m.spec for m in self.registry if not m.stopping and m.name not in self.declared
         }
         specs.update(self.unrestored)
         specs.update(changes)
+        demand = {
+            m.name: DemandRecord(m.idle, m.last_request_at)
+            for m in self.registry if not m.stopping and changes.get(m.name, m.spec) is not None
+        }
+        for name, is_idle in (idle or {}).items():
+            demand[name] = DemandRecord(is_idle, demand[name].last_request_at if name in demand else None)
         try:
-            self.store.save([spec for spec in specs.values() if spec is not None])
+            self.store.save([spec for spec in specs.values() if spec is not None], demand)
         except OSError as exc:
             raise GpudError(f"Cannot save the state under {self.store.path.parent}: {exc.strerror or exc}; "
                             "nothing was changed.") from None

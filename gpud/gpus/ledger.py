@@ -168,9 +168,16 @@ class Ledger:
             )
         return views
 
-    def reserve(self, reservations: Sequence[Reservation]) -> None:
-        """Record every reservation, or none: Conflict for a replica already holding one, DoesNotFit otherwise."""
+    def reserve(self, reservations: Sequence[Reservation], *, replacing: Iterable[str] = ()) -> None:
+        """Record every reservation, or none: Conflict for a replica already holding one, DoesNotFit otherwise.
+
+        `replacing` names models being unloaded to make room (SPEC §12 eviction): the batch is checked as if
+        they held nothing, yet they keep their reservations until their processes are gone, so for a while
+        the GPU is reserved twice over and nobody else can place there. Their room passes to this batch
+        whole, and the batch's replicas must not start before those processes are gone.
+        """
         batch = list(reservations)
+        retiring = set(replacing)
         seen: set[tuple[str, int]] = set()
         for r in batch:
             key = (r.model, r.replica)
@@ -191,14 +198,16 @@ class Ledger:
                 continue
             # Exclusivity is the placement's rule, but the ledger is the last line of defence before a
             # process is started on a GPU someone else was promised.
-            holders = self._holders(index)
+            holders = [r for r in self._holders(index) if r.model not in retiring]
             sharing = holders + wanting
             if len(sharing) > 1 and any(r.exclusive for r in sharing):
                 owner = next(r for r in sharing if r.exclusive)
                 problems.append(f"GPU {index} would be shared although the {_replica_name(owner)} needs it exclusively")
                 continue
             needed = sum(r.on(index) for r in wanting)
-            available = self.available(index)
+            available = self.available(index) + sum(
+                r.on(index) for r in self._reservations.values() if r.model in retiring
+            )
             gpus.append({"index": index, "needed_bytes": needed, "available_bytes": max(0, available)})
             if needed > 0 and needed > available:
                 problems.append(
@@ -218,6 +227,10 @@ class Ledger:
         """Forget every reservation of `model`."""
         for key in [k for k in self._reservations if k[0] == model]:
             del self._reservations[key]
+
+    def free_bytes(self, index: int) -> int:
+        """What GPU `index` would offer with no gpud reservation: total − used by others − headroom."""
+        return self.available(index) + self.reserved(index)
 
     def reservations(self, model: str | None = None) -> list[Reservation]:
         return [r for r in self._reservations.values() if model is None or r.model == model]

@@ -77,6 +77,7 @@ from gpud.proxy.upstream import (
     UpstreamConnection,
     UpstreamTimeout,
 )
+from gpud.proxy.wake import WakeError, WakeGate
 from gpud.spec import DEFAULT_ROUTING
 
 log = logging.getLogger(__name__)
@@ -92,10 +93,16 @@ class Link(Protocol):
     def connect_failed(self, model: str, index: int) -> None:
         """A connection to this replica could not be made: the supervisor should check it now."""
 
+    def wake(self, model: str) -> None:
+        """Requests wait for this idle model: wake it (the answer comes as a route table or a failure)."""
+
 
 class _NoLink:
     def connect_failed(self, model: str, index: int) -> None:
         pass
+
+    def wake(self, model: str) -> None:
+        raise RuntimeError("no daemon to wake it")
 
 
 class Proxy:
@@ -115,6 +122,8 @@ class Proxy:
         # SPEC §13: this worker's tables (each worker keeps its own).
         self.sessions = SessionTable()
         self.prefixes = PrefixTable(settings.prefix_table_blocks)
+        # SPEC §12: requests for an idle model wait here for its wake (one wake asked of the daemon per model).
+        self.gate = WakeGate(self.link.wake, timeout_sec=settings.wake_timeout_sec, max_waiting=settings.wake_queue)
         self._unrouted = self.metrics.series("")
         self._pool: Pool | None = None
         self._server: asyncio.Server | None = None
@@ -127,6 +136,12 @@ class Proxy:
         if set(table.models) != set(self.table.models):
             self.metrics.forget(table.models)
         self.table = table
+        for name in self.gate.waking():  # a woken model's first ready replica lets its requests through
+            route = table.models.get(name)
+            if route is None:
+                self.gate.changed(name, ready=False, failure=f"Model '{name}' was stopped.")
+            elif route.ready:
+                self.gate.changed(name, ready=True)
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> None:
         """Listen on host:port; a GpudError says why when the address cannot be bound."""
@@ -260,13 +275,13 @@ class Proxy:
         if path == b"/metrics":
             body, content_type = self.metrics.render(self.table, self.counters)
             return simple_response(200, body, content_type=content_type.encode(), keep_alive=request.keep_alive)
-        if path == b"/v1/models":
-            data = [_model_object(m) for m in self.table.models.values() if m.ready]
+        if path == b"/v1/models":  # SPEC §12: idle models are listed too (a request wakes them)
+            data = [_model_object(m) for m in self.table.models.values() if m.ready or m.waits]
             return simple_response(200, json.dumps({"object": "list", "data": data}).encode(),
                                    keep_alive=request.keep_alive)
         name = unquote(path[len(_MODELS_PREFIX):].decode("utf-8", "replace"))
         route = self.table.models.get(name)
-        if route is None or not route.ready:
+        if route is None or not (route.ready or route.waits):
             return _model_not_found(name)
         return simple_response(200, json.dumps(_model_object(route)).encode(), keep_alive=request.keep_alive)
 
@@ -322,7 +337,12 @@ class Proxy:
     async def _forward(self, conn: ClientConnection, request: Request, route: ModelRoute, started: float,
                        doc: Any, target: bytes | None = None) -> None:
         """Send the request (as `target`, else as it came) to the best ready replica; retry others while no
-        byte went to the client."""
+        byte went to the client. A POST for a model that is idle (or waking) waits for its wake first."""
+        if not route.ready and route.waits and request.method == _POST:
+            woken = await self._wait_for_wake(conn, request, route)
+            if woken is None:
+                return
+            route = woken
         pool = self._pool
         assert pool is not None, "the proxy was not started"
         counters = self.counters
@@ -450,6 +470,22 @@ class Proxy:
             conn.write(event if decode else b"%x\r\n%s\r\n" % (len(event), event))
         upstream.abort()
         conn.finish(False)
+
+    async def _wait_for_wake(self, conn: ClientConnection, request: Request, route: ModelRoute) -> ModelRoute | None:
+        """Hold the request until the model has a ready replica (SPEC §12); None when it was answered (503)."""
+        try:
+            await self.gate.wait(route.name)
+        except WakeError as exc:
+            series = self.metrics.series(route.name)
+            series.error("wake")
+            series.request(503)
+            self._refuse(conn, request, error_response(
+                503, exc.message, "server_error", exc.code, ((b"Retry-After", b"%d" % exc.retry_after_sec),)))
+            return None
+        woken = self.table.models.get(route.name)
+        if woken is None:
+            self._refuse(conn, request, _model_not_found(route.name))
+        return woken
 
     def _no_replica(self, conn: ClientConnection, request: Request, name: str, failures: list[str]) -> None:
         series = self.metrics.series(name)

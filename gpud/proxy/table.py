@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gpud.proxy.counters import Counters
-from gpud.registry import Registry, ReplicaState
+from gpud.registry import Operation, Registry, ReplicaState
 from gpud.spec import DEFAULT_ROUTING
 
 log = logging.getLogger(__name__)
@@ -47,14 +47,17 @@ class ModelRoute:
     created: float
     replicas: tuple[ReplicaRoute, ...] = ()
     routing: str = DEFAULT_ROUTING
+    # SPEC §12: a request that finds no ready replica waits for the model's wake (it is idle, loading or
+    # going idle) instead of getting 503.
+    waits: bool = False
     # The replicas in the balancer, in index order (a tuple built once per table, not per request).
     ready: tuple[ReplicaRoute, ...] = field(default=(), compare=False)
 
     @classmethod
     def of(cls, name: str, slot: int, state: str, created: float, replicas: Iterable[ReplicaRoute],
-           routing: str = DEFAULT_ROUTING) -> ModelRoute:
+           routing: str = DEFAULT_ROUTING, waits: bool = False) -> ModelRoute:
         ordered = tuple(sorted(replicas, key=lambda r: r.index))
-        return cls(name, slot, state, created, ordered, routing, tuple(r for r in ordered if r.ready))
+        return cls(name, slot, state, created, ordered, routing, waits, tuple(r for r in ordered if r.ready))
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,7 @@ class RouteTable:
             "version": self.version,
             "models": [
                 {"name": m.name, "slot": m.slot, "state": m.state, "created": m.created, "routing": m.routing,
-                 "replicas": [[r.index, r.port, r.slot, r.state, r.restarts] for r in m.replicas]}
+                 "waits": m.waits, "replicas": [[r.index, r.port, r.slot, r.state, r.restarts] for r in m.replicas]}
                 for m in self.models.values()
             ],
             "gpus": list(self.gpus),
@@ -85,7 +88,8 @@ class RouteTable:
     def from_obj(cls, data: Mapping[str, Any]) -> RouteTable:
         models = {
             m["name"]: ModelRoute.of(m["name"], m["slot"], m["state"], m["created"],
-                                     (ReplicaRoute(*r) for r in m["replicas"]), m.get("routing", DEFAULT_ROUTING))
+                                     (ReplicaRoute(*r) for r in m["replicas"]), m.get("routing", DEFAULT_ROUTING),
+                                     m.get("waits", False))
             for m in data["models"]
         }
         return cls(data["version"], models, tuple(data.get("gpus", ())))
@@ -164,8 +168,9 @@ class Feed:
                 live.add((model.name, replica.index))
                 replicas.append(ReplicaRoute(replica.index, replica.port, slots.replica(model.name, replica.index),
                                              replica.state.value, replica.restarts))
+            waits = model.idle or model.operation in (Operation.LOAD, Operation.UNLOAD)
             models[model.name] = ModelRoute.of(model.name, slots.model(model.name), model.state().value,
-                                               model.created_at, replicas, model.spec.routing)
+                                               model.created_at, replicas, model.spec.routing, waits)
         slots.keep_only(set(models), live)
         self._version += 1
         try:

@@ -5,10 +5,12 @@ JOB is a JSON object: {"index", "host", "port", "settings": {ProxySettings field
 (gpud.proxy.counters) and this worker's end of a socket pair to the daemon, which carries JSON lines:
 
     daemon → worker   {"t": "table", "table": {...}}   the routing table (gpud.proxy.table), on every change
+                      {"t": "wake_failed", "model", "reason"}   the wake it asked for cannot be done
                       {"t": "drain"}                    stop accepting connections (shutdown begins)
     worker → daemon   {"t": "ready"}                    listening
                       {"t": "applied", "version": N}    it routes by table N from now on
                       {"t": "connect_failed", "model", "index"}
+                      {"t": "wake", "model"}            requests wait for this idle model
 
 The worker dies with the daemon: a parent-death signal, a check of getppid() against `parent_pid`, and the
 end of the link (the daemon's end closes when it exits) each end it.
@@ -49,6 +51,9 @@ class DaemonLink:
 
     def connect_failed(self, model: str, index: int) -> None:
         self.send({"t": "connect_failed", "model": model, "index": index})
+
+    def wake(self, model: str) -> None:
+        self.send({"t": "wake", "model": model})
 
 
 def settings_from_job(job: dict[str, Any]) -> ProxySettings:
@@ -94,6 +99,8 @@ async def _follow(reader: asyncio.StreamReader, proxy: Proxy, link: DaemonLink) 
             table = RouteTable.from_obj(message["table"])
             proxy.set_table(table)
             link.send({"t": "applied", "version": table.version})
+        elif kind == "wake_failed":
+            proxy.gate.changed(str(message.get("model")), ready=False, failure=str(message.get("reason")))
         elif kind == "drain":
             await proxy.stop_accepting()
 

@@ -25,7 +25,7 @@ import shutil
 import signal
 import socket
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -68,13 +68,17 @@ class ProxyWorkers:
         instance: str,
         ledger_rows: Callable[[], list[Mapping[str, Any]]] = list,
         on_connect_failure: Callable[[Replica], None] = lambda r: None,
+        on_wake: Callable[[str], Awaitable[object]] | None = None,
     ) -> None:
+        """on_wake(name): wake an idle model for a worker's waiting requests (SPEC §12); idempotent, returns once
+        it has a ready replica, raises GpudError (its message for the clients) when it cannot."""
         self.registry = registry
         self.settings = settings
         self.run_dir = run_dir
         self.instance = instance
         self.ledger_rows = ledger_rows
         self.on_connect_failure = on_connect_failure
+        self.on_wake = on_wake
         # One row per worker: a routing decision sums as many rows as there are workers.
         self.counters, self._counters_fd = Counters.create(workers=settings.workers)
         self.feed = Feed(registry, self.counters, ledger_rows)
@@ -177,6 +181,8 @@ class ProxyWorkers:
             elif kind == "applied":
                 worker.applied = int(message.get("version", 0))
                 self._settle()
+            elif kind == "wake":
+                self._background(self._wake(str(message.get("model"))))
             elif kind == "connect_failed":
                 model = self.registry.get(str(message.get("model")))
                 replica = model.replicas.get(message.get("index", -1)) if model is not None else None
@@ -205,6 +211,23 @@ class ProxyWorkers:
         await asyncio.sleep(60)
         if worker.proc is not None and worker.proc.returncode is None:
             worker.restarts = 0
+
+    async def _wake(self, name: str) -> None:
+        """A worker holds requests for `name`: wake it (one wake, however many workers ask). Its readiness
+        reaches the workers with the route table that has its ready replica; a failure is told to them all."""
+        if self.on_wake is None:
+            failure = f"Model '{name}' cannot be woken here."
+        else:
+            try:
+                await self.on_wake(name)
+                return
+            except GpudError as exc:
+                failure = exc.message
+            except Exception:  # a bug must not leave requests waiting for an answer that never comes
+                log.exception("model %s: wake failed", name)
+                failure = f"Model '{name}' could not be woken (see the daemon log)."
+        for worker in self._workers:
+            self._send(worker, {"t": "wake_failed", "model": name, "reason": failure})
 
     # ---- the table and the counters -------------------------------------------------------------------
     def _build(self) -> bytes:

@@ -8,13 +8,16 @@ so a line cut in two by a rotation is read back whole.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 from collections.abc import AsyncGenerator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gpud.errors import InvalidInput
+
+if TYPE_CHECKING:  # the shim imports this module for RotatingWriter: it starts faster without asyncio
+    import asyncio
 
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_BACKUPS = 3
@@ -209,6 +212,8 @@ async def follow(
     for the file if it does not exist yet. Output that several rotations overtake within one poll
     interval is skipped. Close it with contextlib.aclosing() so the file is closed promptly.
     """
+    import asyncio  # here, not at the top: see the import block
+
     path = Path(path)
     fd = -1
     ino = -1

@@ -303,7 +303,17 @@ def test_sigterm_removes_every_worker_of_the_node_before_it_exits(
     assert all(listed.get(u) in (None, "draining") for u in urls[:2]) and listed[urls[2]] == "ready", listed
 
 
-@pytest.mark.skip(reason="needs on-demand (idle) models, which come with issue 12; /m/NAME/health already "
-                         "answers 200 for a model in the 'idle' state (tests/proxy/test_paths.py)")
-def test_an_idle_model_is_woken_by_a_request_through_the_gateway() -> None:
-    raise AssertionError("not reached")
+def test_an_idle_model_is_woken_by_a_request_through_the_gateway(
+        gateway: Gateway, nodes: Callable[[int], list[Daemon]]) -> None:
+    """An on-demand model is registered (and ready on the gateway) while idle: /m/NAME/health answers 200, so
+    the gateway sends the first request, which wakes it on the node."""
+    (a,) = nodes(1)
+    a.start_model({"name": "lazy", "model": "lazy", "engine": "sim", "vram": "10GiB", "args": SIM,
+                   "on_demand": True}, settle=False)
+    url = worker_url(a.proxy_url, "lazy")
+    wait_until(lambda: ready_on_gateway(gateway, url), 20, "the idle model's worker to be ready")
+    assert a.show("lazy")["state"] == "idle" and a.replica_pids() == []
+    code, pid = gateway.chat("lazy")
+    assert code == 200 and pid is not None
+    shown = a.show("lazy")
+    assert shown["state"] == "running" and {str(r["pid"]) for r in shown["replicas"]} == {pid}

@@ -1,6 +1,6 @@
 """What the page draws from fields other issues add to the API: routing (13), the `--vram auto` estimate and
 measured memory (11), the idle state with unload/load (12). The pure drawing functions are checked here on
-objects of the SPEC's shapes; the end-to-end tests through a real daemon wait, skipped, for those issues."""
+objects of the SPEC's shapes; the end-to-end tests run them through a real daemon."""
 
 from __future__ import annotations
 
@@ -95,14 +95,13 @@ def test_routing_estimate_and_demand_settings_read_as_one_line(page: Page) -> No
     assert "÷ 2 GPUs" in call(page, "describe.js", "estimateText", estimate, 2)
 
 
-# ---- end to end, once the daemon has these fields ---------------------------------------------------------
+# ---- end to end, through a daemon that has these fields------------------------------------------------------
 
 
 def card(page: Page, name: str) -> Any:
     return page.locator(f'article.model[data-model="{name}"]')
 
 
-@pytest.mark.skip(reason="needs the idle state and POST /v1/models/{name}/unload and /load (issue 12)")
 def test_unload_and_load_from_the_page(page: Page, ui_daemon: Daemon) -> None:
     ui_daemon.start_model({"name": "sleepy", "model": "sleepy", "engine": "sim", "vram": "2GiB", "replicas": 2,
                            "args": ["--startup-s", "0.1"]})
