@@ -4,16 +4,16 @@ scaling — validated, placed all-or-nothing, then supervised.
 The control API calls these; each mutation marks the model busy (`Model.operation`) until it is done, so
 clients can wait for exactly that (SPEC §5: start/stop/scale/restart wait until done or failed for good).
 
-This module is the one owner of GPU reservations: it reserves what placement chose, and releases a
-replica's reservation when it stopped the replica itself or when the supervisor reports that the replica
-ended by itself (`_replica_ended`), in both cases once no process of it is left. A restart keeps it.
+GPU reservations are taken and released through `self.placer` only (gpud.control.placer): this module
+reserves what placement chose, and releases a replica's reservation when it stopped the replica itself or
+when the supervisor reports that the replica ended by itself (`_replica_ended`), in both cases once no
+process of it is left. A restart keeps it.
 
-Eviction (start, scale, load and wake; never load-based scaling): when a request does not fit, the pure
-planner (gpud.demand.evict) names the idle-able models to unload, or none helps and the §4 refusal stands
-with nothing changed. Otherwise the request's reservation is taken at once *in place of* theirs (the ledger
-counts both until their processes are gone, so nobody else can take the room meanwhile), they are unloaded
-(§7 stop sequence, each reservation released once its processes are gone), and only then do the new
-replicas start.
+Eviction (start, scale, load and wake; never load-based scaling): when a request does not fit, the placer
+names the idle-able models to unload, or none helps and the §4 refusal stands with nothing changed.
+Otherwise the request's reservation is taken at once *in place of* theirs (the ledger counts both until
+their processes are gone, so nobody else can take the room meanwhile), they are unloaded (§7 stop
+sequence, each reservation released once its processes are gone), and only then do the new replicas start.
 """
 
 from __future__ import annotations
@@ -27,41 +27,20 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from gpud.config import Settings
+from gpud.control.placer import ROOM_POLL_SEC, Placer, RoomComing
 from gpud.control.state import DemandRecord, StateStore
-from gpud.demand.evict import plan_eviction, views_without
-from gpud.demand.room import WAKE_GRACE_SEC, evictable_lru, eviction_order, gpu_rooms, is_free
+from gpud.demand.room import WAKE_GRACE_SEC
 from gpud.errors import Conflict, DoesNotFit, GpudError, InvalidInput, NotFound, Unavailable
 from gpud.estimate.measured import with_measured
 from gpud.estimate.refusal import NEEDS_MODEL
 from gpud.estimate.request import resolve
-from gpud.gpus.ledger import Ledger, Reservation
-from gpud.gpus.placement import PlacementRequest, ReplicaPlacement, place, plan_json
+from gpud.gpus.ledger import Ledger
+from gpud.gpus.placement import ReplicaPlacement, plan_json
 from gpud.registry import Model, Operation, Registry, Replica, ReplicaState
 from gpud.spec import MAX_REPLICAS, VRAM_AUTO, ModelSpec
 from gpud.supervise.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
-
-# How often a wake that waits for room (SPEC §12: the models that could make room are in use) tries again.
-ROOM_POLL_SEC = 0.05
-
-
-class RoomComing(DoesNotFit):
-    """A wake would fit once the models it must evict are free (no request in flight, nothing in progress)."""
-
-
-def placement_request(spec: ModelSpec, replicas: int, multi_replica: bool) -> PlacementRequest:
-    if spec.needs_estimate:  # a bug, not a user error: unestimated "auto" would silently mean whole GPUs
-        raise ValueError(f"model {spec.name!r}: vram auto must be estimated before it is placed")
-    return PlacementRequest(
-        replicas=replicas,
-        gpus_per_replica=spec.gpus_per_replica,
-        vram_bytes=spec.vram_bytes,
-        gpu_idx=spec.gpu_idx,
-        policy=spec.placement,
-        multi_replica=multi_replica,
-    )
-
 
 class ModelService:
     def __init__(
@@ -78,6 +57,7 @@ class ModelService:
         self.settings = settings
         self.registry = registry
         self.ledger = ledger
+        self.placer = Placer(settings, registry, ledger)
         self.supervisor = supervisor
         self.store = store
         # Work done before a model's replicas first start (building its venv); raises GpudError to fail it.
@@ -110,43 +90,6 @@ class ModelService:
         replicas will look (the daemon's env, then [env], then the model's)."""
         return resolve(spec, self.settings.estimate, daemon_env=os.environ, config_env=self.settings.env)
 
-    # ---- placement ----------------------------------------------------------------------------------
-    def _place(self, spec: ModelSpec, replicas: int, first_index: int) -> list[ReplicaPlacement]:
-        self.ledger.refresh()
-        request = placement_request(spec, replicas, self.settings.multi_replica)
-        return place(request, self.ledger.views(), first_index=first_index)
-
-    def _make_room(self, spec: ModelSpec, replicas: int, first_index: int, *,
-                   waiting: bool = False) -> tuple[list[ReplicaPlacement], list[Model]]:
-        """Where `replicas` new replicas of `spec` go, and the models to evict first (none when they fit as
-        things are). Raises the §4 DoesNotFit, with nothing changed, when no eviction would help; with
-        `waiting` (a wake), RoomComing when the models to evict are in use or busy for now."""
-        self.ledger.refresh()
-        request = placement_request(spec, replicas, self.settings.multi_replica)
-        try:
-            return place(request, self.ledger.views(), first_index=first_index), []
-        except DoesNotFit as refusal:
-            now = time.time()
-            order = (eviction_order if waiting else evictable_lru)(self.registry, needed_by=spec.name, now=now)
-            plan = plan_eviction(request, gpu_rooms(self.ledger), self.ledger.reservations(),
-                                 [m.name for m in order], first_index=first_index)
-            if plan is None:
-                raise
-            victims = [self.registry.models[name] for name in plan.evict]
-            if not all(is_free(v, now) for v in victims):
-                raise RoomComing(refusal.message, details=refusal.details) from None
-            return plan.placements, victims
-
-    def _check_could_fit(self, spec: ModelSpec) -> None:
-        """An on-demand model that could not be placed even on GPUs gpud holds nothing on is refused now."""
-        self.ledger.refresh()
-        request = placement_request(spec, spec.replicas, self.settings.multi_replica)
-        try:
-            place(request, views_without(gpu_rooms(self.ledger), [], ()))
-        except DoesNotFit as exc:
-            reason = f"{exc.message[:-1]}, even with no other model loaded."
-            raise DoesNotFit(reason, details={"plan": plan_json(None, reason)}) from None
-
     async def plan(self, body: Any) -> dict[str, Any]:
         if isinstance(body, dict) and "model" not in body:
             if str(body.get("vram")).strip().lower() == VRAM_AUTO:
@@ -157,28 +100,15 @@ class ModelService:
             spec = await asyncio.to_thread(self._estimated, spec)
         estimate = None if spec.estimate is None else spec.estimate.to_json()
         try:
-            placements = self._place(spec, spec.replicas, 0)
+            placements = self.placer.place(spec, spec.replicas, 0)
         except DoesNotFit as exc:
             return {**(exc.details.get("plan") or plan_json(None, exc.message)), "estimate": estimate}
         return {**plan_json(placements, None), "estimate": estimate}
 
-    # ---- reservations: taken and released here only ---------------------------------------------------
-    def _reserve(self, spec: ModelSpec, placements: list[ReplicaPlacement], evicting: Sequence[Model] = ()) -> None:
-        self.ledger.reserve([
-            Reservation(spec.name, p.index, p.gpus, p.vram_by_gpu, exclusive=spec.vram_bytes is None)
-            for p in placements
-        ], replacing=[m.name for m in evicting])
-
-    def _release(self, model: str, indices: list[int] | None = None) -> None:
-        """Free the memory of these replicas of `model` (every one when `indices` is None)."""
-        if indices is None:
-            self.ledger.release_model(model)
-        for index in indices or ():
-            self.ledger.release(model, index)
-
+    # ---- reservations -------------------------------------------------------------------------------
     def _replica_ended(self, replica: Replica) -> None:
         """The supervisor's report: the replica failed for good or exited for good, and its tree is gone."""
-        self._release(replica.model, [replica.index])
+        self.placer.release(replica.model, [replica.index])
 
     def _launch(self, model: Model, replica: Replica) -> None:
         self.supervisor.launch(model, replica, self._replica_ended)
@@ -199,17 +129,17 @@ class ModelService:
         victims: list[Model] = []
         if idle:
             if not booting:
-                self._check_could_fit(spec)
+                self.placer.check_could_fit(spec)
         elif booting:
-            placements = self._place(spec, spec.replicas, 0)
+            placements = self.placer.place(spec, spec.replicas, 0)
         else:
-            placements, victims = self._make_room(spec, spec.replicas, 0)
-        self._reserve(spec, placements, victims)  # all or nothing; nothing else has changed yet
+            placements, victims = self.placer.make_room(spec, spec.replicas, 0)
+        self.placer.reserve(spec, placements, victims)  # all or nothing; nothing else has changed yet
         if not booting:
             try:
                 self._save({spec.name: spec}, idle={spec.name: idle})
             except GpudError:
-                self._release(spec.name)
+                self.placer.release(spec.name)
                 raise
         self.unrestored.pop(spec.name, None)
         model = Model(spec, idle=idle, last_request_at=last_request_at)
@@ -232,7 +162,7 @@ class ModelService:
                 await self.prepare(model)
             except Exception as exc:  # the message is the user's answer; nothing stays reserved
                 message = getattr(exc, "message", None) or str(exc)
-                self._release(model.name)
+                self.placer.release(model.name)
                 for replica in model.replicas.values():
                     self.registry.set_state(replica, ReplicaState.FAILED, message)
                 return
@@ -261,8 +191,8 @@ class ModelService:
             pass  # nothing loaded: the new count is what the next wake places
         elif replicas > len(current):
             first = (current[-1] + 1) if current else 0
-            placements, victims = self._make_room(model.spec, replicas - len(current), first)
-            self._reserve(model.spec, placements, victims)
+            placements, victims = self.placer.make_room(model.spec, replicas - len(current), first)
+            self.placer.reserve(model.spec, placements, victims)
             new = [Replica(name, p.index, p.gpus, p.vram_by_gpu) for p in placements]
         else:
             removed = current[replicas:]
@@ -270,7 +200,7 @@ class ModelService:
             try:
                 self._save({name: spec})
             except GpudError:
-                self._release(name, [r.index for r in new])
+                self.placer.release(name, [r.index for r in new])
                 raise
         model.spec = spec
         model.desired = replicas
@@ -286,7 +216,7 @@ class ModelService:
         for index in removed:
             self.registry.set_state(model.replicas[index], ReplicaState.STOPPING)
         await asyncio.gather(*(self.supervisor.stop(model.name, i) for i in removed))
-        self._release(model.name, removed)
+        self.placer.release(model.name, removed)
         for index in removed:
             model.replicas.pop(index, None)
         await self._gone(unloads)
@@ -319,17 +249,17 @@ class ModelService:
         replaced: dict[int, Replica] = {}
         for replica in failed:
             await self.supervisor.stop(model.name, replica.index)
-        self._release(model.name, [r.index for r in failed])
+        self.placer.release(model.name, [r.index for r in failed])
         if failed:
             try:
-                placements = self._place(model.spec, len(failed), 0)
+                placements = self.placer.place(model.spec, len(failed), 0)
             except DoesNotFit as exc:
                 for replica in failed:
                     self.registry.set_state(replica, ReplicaState.FAILED, exc.message)
                 return
             # Keep the replicas' indices; only their GPUs may change.
             placements = [dataclasses.replace(p, index=r.index) for p, r in zip(placements, failed, strict=True)]
-            self._reserve(model.spec, placements)
+            self.placer.reserve(model.spec, placements)
             for p in placements:
                 replaced[p.index] = Replica(model.name, p.index, p.gpus, p.vram_by_gpu,
                                             restarts=model.replicas[p.index].restarts)
@@ -422,8 +352,8 @@ class ModelService:
         new: list[Replica] = []
         removed: list[int] = []
         if to > len(current):
-            placements = self._place(model.spec, 1, (current[-1] + 1) if current else 0)
-            self._reserve(model.spec, placements)
+            placements = self.placer.place(model.spec, 1, (current[-1] + 1) if current else 0)
+            self.placer.reserve(model.spec, placements)
             new = [Replica(name, p.index, p.gpus, p.vram_by_gpu) for p in placements]
         elif to < len(current) and len(current) > model.spec.replicas:
             removed = current[-1:]  # the highest index, drained by the stop
@@ -452,21 +382,21 @@ class ModelService:
 
     async def _run_unload(self, model: Model, why: str) -> None:
         await asyncio.gather(*(self.supervisor.stop(model.name, i) for i in list(model.replicas)))
-        self._release(model.name)
+        self.placer.release(model.name)
         model.replicas.clear()
         model.idle = True
         model.desired = model.spec.replicas  # it comes back with its floor
         model.loaded_at = None
         log.info("model %s: idle (%s)", model.name, why)
-        self._save_demand()
+        self.save_now()
         self.registry.publish({"type": "idle", "name": model.name, "why": why})
 
     def _begin_load(self, model: Model, why: str) -> None:
         """Place an idle model (evicting if need be) and start its replicas; DoesNotFit with nothing changed."""
         self._check_open()
         spec = model.spec
-        placements, victims = self._make_room(spec, spec.replicas, 0, waiting=why == "request")
-        self._reserve(spec, placements, victims)
+        placements, victims = self.placer.make_room(spec, spec.replicas, 0, waiting=why == "request")
+        self.placer.reserve(spec, placements, victims)
         model.idle = False
         model.desired = spec.replicas
         model.message = None
@@ -475,7 +405,7 @@ class ModelService:
         log.info("model %s: waking (%s)", model.name, why)
         self.registry.publish({"type": "wake", "name": model.name, "why": why})
         unloads = self._evict(victims, needed_by=model)
-        self._save_demand()
+        self.save_now()
         self._begin(model, Operation.LOAD, self._run_load(model, unloads, for_requests=why == "request"))
 
     async def _run_load(self, model: Model, unloads: Sequence[asyncio.Task[None]], *, for_requests: bool) -> None:
@@ -487,12 +417,12 @@ class ModelService:
         # Not one replica came up: back to idle with the reason, so that the next request tries again.
         failure = next((r.message for r in model.replicas.values() if r.message), None)
         await asyncio.gather(*(self.supervisor.stop(model.name, i) for i in list(model.replicas)))
-        self._release(model.name)
+        self.placer.release(model.name)
         model.replicas.clear()
         model.idle = True
         model.message = f"The last load failed: {(failure or 'no replica became ready').rstrip('.')}."
         log.warning("model %s: %s", model.name, model.message)
-        self._save_demand()
+        self.save_now()
         self.registry.publish({"type": "idle", "name": model.name, "why": "load failed"})
 
     async def _first_ready(self, model: Model) -> None:
@@ -548,7 +478,7 @@ class ModelService:
             if replica.state not in (ReplicaState.FAILED, ReplicaState.STOPPED):
                 self.registry.set_state(replica, ReplicaState.STOPPING)
         await asyncio.gather(*(self.supervisor.stop(model.name, i) for i in list(model.replicas)))
-        self._release(model.name)
+        self.placer.release(model.name)
         if self.registry.models.get(model.name) is model:
             del self.registry.models[model.name]
         self.registry.publish({"type": "removed", "name": model.name})
@@ -602,15 +532,12 @@ class ModelService:
             self.registry.unsubscribe(queue)
 
     def save_now(self) -> None:
+        """Write the desired state as it is (SPEC §12: which models are idle, so a restart keeps them so); a
+        failure is logged, not raised: the models' requests are saved already, and the next save tries again."""
         try:
             self._save({})
         except GpudError as exc:
             log.error("%s", exc.message)
-
-    def _save_demand(self) -> None:
-        """Record which models are idle (SPEC §12: a restart keeps them so); a failure is logged, not raised:
-        the models' requests are saved already, and the next save tries again."""
-        self.save_now()
 
     def _save(self, changes: dict[str, ModelSpec | None], idle: dict[str, bool] | None = None) -> None:
         """Write the desired state as it will be after `changes` (name → new spec, or None: removed; `idle`:

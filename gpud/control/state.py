@@ -1,9 +1,10 @@
 """Persisted desired state: which models should run, written atomically, read back at boot.
 
-One JSON file, STATE_DIR/state.json: `models` (name → request) and `demand` (name → whether the model is idle
-and when it last had a request, SPEC §12: a restart keeps idle models idle and the eviction order). Writes go to a temp file that is fsynced and renamed over the old one
-(then the directory is fsynced), so a crash or a full disk leaves the previous state intact. A file that
-cannot be read is kept aside (state.json.corrupt-TIMESTAMP) and named in the log; the daemon starts anyway.
+One JSON file, STATE_DIR/state.json: `models` (name → request) and `demand` (name → whether the model is
+idle and when it last had a request, SPEC §12: a restart keeps idle models idle, and the eviction order).
+Writes go to a temp file that is fsynced and renamed over the old one (then the directory is fsynced), so a
+crash or a full disk leaves the previous state intact. A file that cannot be read is kept aside
+(state.json.corrupt-TIMESTAMP) and named in the log; the daemon starts anyway.
 """
 
 from __future__ import annotations
