@@ -34,13 +34,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime
 import json
 import math
 import os
-import platform
 import random
-import re
 import signal
 import socket
 import subprocess
@@ -58,6 +55,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import benchdoc  # noqa: E402
 from benchdaemon import BenchDaemon, running_daemon  # noqa: E402 - after the path setup above
 
 from gpud.cli.client import Client, model_path  # noqa: E402
@@ -327,18 +325,7 @@ def table(outcomes: list[Outcome], startup_s: float) -> list[str]:
 
 
 def write_section(path: Path, lines: list[str]) -> None:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-        cpu = found.group(1) if found else cpu
-    head = (f"Measured {datetime.date.today().isoformat()} on {os.cpu_count()} cores ({cpu}), {platform.system()} "
-            f"{platform.release()}, Python {platform.python_version()}.")
-    section = "\n".join(["## Demand", "", head, "", *lines, ""])
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(r"^## Demand\n.*?(?=^## |\Z)", re.M | re.S)
-    text = pattern.sub(section + "\n", text, count=1) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-    print(f"\nWrote the Demand section of {path}.")
+    benchdoc.write_section(path, "Demand", [benchdoc.measured(), "", *lines])
 
 
 @contextlib.contextmanager

@@ -24,10 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime
-import os
-import platform
-import re
 import resource
 import shutil
 import subprocess
@@ -44,6 +40,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import benchdoc  # noqa: E402
 from benchdaemon import running_daemon  # noqa: E402 - after the path setup above
 
 from gpud.cli.client import Client  # noqa: E402
@@ -249,15 +246,8 @@ def measure(args: argparse.Namespace, workers: int) -> tuple[list[tuple[str, str
 
 
 def write_section(path: Path, table: list[str], args: argparse.Namespace) -> None:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-        cpu = found.group(1) if found else cpu
-    section = "\n".join([
-        "## Load",
-        "",
-        f"Measured {datetime.date.today().isoformat()} on {os.cpu_count()} cores ({cpu}), {platform.system()} "
-        f"{platform.release()}, Python {platform.python_version()}. {args.clients:,} streaming completions "
+    benchdoc.write_section(path, "Load", [
+        f"{benchdoc.measured()} {args.clients:,} streaming completions "
         f"opened at once through the proxy of a real `gpud daemon`, {args.rounds} rounds in a row, on 3 sim replicas ({args.tokens} events "
         f"each, {args.itl_ms:g} ms apart); the client, the daemon and the replicas share these cores. While "
         "the streams run, `gpud model list` (a new CLI process each time) and `GET /v1/models` on the control "
@@ -275,14 +265,7 @@ def write_section(path: Path, table: list[str], args: argparse.Namespace) -> Non
         "window (256 KiB, reading pauses above it) and a socket buffer. CPython keeps the memory it once "
         "allocated for reuse, so RSS stays near its peak after a load; that it does not grow from one round "
         "to the next is what shows nothing accumulates.",
-        "",
     ])
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(r"^## Load\n.*?(?=^## |\Z)", re.M | re.S)
-    text = (pattern.sub(section + "\n", text, count=1) if pattern.search(text)
-            else text.rstrip("\n") + "\n\n" + section)
-    path.write_text(text)
-    print(f"\nWrote the Load section of {path}.")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Proxy benchmark: a real `gpud daemon` side by side with nginx, vllm-router and direct connections, in one run.
 
     .venv/bin/python bench/proxy_bench.py [--duration 5] [--rounds 3] [--connections 32] [--streams 64]
-                                          [--workers 1,2] [--vllm-router PATH] [--write docs/benchmarks.md]
+                                          [--workers 1,2] [--stream-workers 1] [--vllm-router PATH]
+                                          [--write docs/benchmarks.md]
 
 What it measures (no GPU needed):
 
@@ -14,7 +15,8 @@ What it measures (no GPU needed):
    - direct: one wrk per backend at the same time, summed (the backends' own ceiling, far above the rest).
 2. Streams over sim replicas (ttft 20 ms, 5 ms/token): `--streams` concurrent SSE completions through gpud and
    direct to the same replicas: events/s, gpud's CPU per forwarded event (daemon plus proxy workers, from
-   /proc, over the whole client run), and the first event's delay when all streams open at once (median),
+   /proc, over the whole client run; the same figure for one nginx worker over the same replicas beside it),
+   and the first event's delay when all streams open at once (median),
    through gpud minus direct.
 3. Balancing: an open-loop load (Poisson, the same seeded sequence for every target) of 90 % short (4 tokens)
    and 10 % long (200 tokens) completions on 3 sim replicas that run at most 4 requests at once; the p99 of
@@ -32,10 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime
 import json
-import os
-import platform
 import random
 import re
 import shutil
@@ -51,6 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import benchdoc  # noqa: E402
 from benchdaemon import BenchDaemon, running_daemon  # noqa: E402
 
 MODEL = "m"
@@ -121,6 +121,13 @@ def gpud_pids(daemon: BenchDaemon) -> list[int]:
 
     root = psutil.Process(daemon.proc.pid)
     return [root.pid] + [p.pid for p in root.children() if "gpud.proxy.worker" in " ".join(p.cmdline())]
+
+
+def nginx_tree(master: int) -> list[int]:
+    """The nginx master and its worker."""
+    import psutil
+
+    return [master] + [p.pid for p in psutil.Process(master).children()]
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -413,7 +420,8 @@ def measure(args: argparse.Namespace) -> tuple[list[tuple[str, str, float, str, 
             daemon.client.request("DELETE", f"/v1/models/{MODEL}")
 
         (workdir / "sse").mkdir()
-        sse_daemon = stack.enter_context(running_daemon(workdir / "sse", "sim:2x80GiB"))
+        sse_daemon = stack.enter_context(running_daemon(workdir / "sse", "sim:2x80GiB",
+                                                        f"[proxy]\nworkers = {args.stream_workers}\n"))
         sims = start_model(sse_daemon, {"model": MODEL, "engine": "sim", "replicas": 3, "vram": "1GiB",
                                         "args": ["--startup-s", "0"]})
         pids = gpud_pids(sse_daemon)
@@ -425,13 +433,30 @@ def measure(args: argparse.Namespace) -> tuple[list[tuple[str, str, float, str, 
             cpu_per_event.append((cpu_seconds(pids) - before) / total * 1e6)
             return rate
 
-        print(f"Streams: {args.streams} concurrent SSE completions (ttft 20 ms, 5 ms/token), events/s:", flush=True)
+        print(f"Streams: {args.streams} concurrent SSE completions (ttft 20 ms, 5 ms/token), gpud with "
+              f"proxy.workers = {args.stream_workers}, events/s:", flush=True)
+        # The same streams through one nginx worker: what forwarding an event costs a C proxy on this machine
+        # (the kernel's share, loopback TCP both ways, is most of it and the same for every proxy).
+        sse_nginx, _ = start_nginx(procs, sims, workdir)
+        nginx_pids = nginx_tree(procs[-1].pid)
+        nginx_cpu: list[float] = []
+
+        def through_nginx() -> float:
+            before = cpu_seconds(nginx_pids)
+            rate, total = client("--sse-client", str(args.streams), str(args.duration), str(sse_nginx))
+            nginx_cpu.append((cpu_seconds(nginx_pids) - before) / total * 1e6)
+            return rate
+
         sse = rounds(args.rounds, {
             "gpud": through_gpud,
+            "nginx least_conn, 1 worker": through_nginx,
             "direct": lambda: client("--sse-client", str(args.streams), str(args.duration), *map(str, sims))[0],
         })
         rows.append((f"SSE x{args.streams}, events/s", "gpud", sse["gpud"], "direct", sse["direct"], 0.95, True))
+        rows.append((f"SSE x{args.streams}, events/s", "nginx least_conn, 1 worker", sse["nginx least_conn, 1 worker"],
+                     "direct", sse["direct"], None, True))
         extra["gpud CPU µs per event"] = statistics.median(cpu_per_event)
+        extra["nginx CPU µs per event"] = statistics.median(nginx_cpu)
         print(f"First event, {args.streams} streams opened at once, median ms:", flush=True)
         first_event = rounds(args.rounds, {
             "gpud": lambda: client("--first-event", str(args.streams), str(sse_daemon.port))[0] * 1000,
@@ -442,7 +467,8 @@ def measure(args: argparse.Namespace) -> tuple[list[tuple[str, str, float, str, 
         sse_daemon.client.request("DELETE", f"/v1/models/{MODEL}")
 
         (workdir / "bal").mkdir()
-        bal = stack.enter_context(running_daemon(workdir / "bal", "sim:2x80GiB"))
+        bal = stack.enter_context(running_daemon(workdir / "bal", "sim:2x80GiB",
+                                                 f"[proxy]\nworkers = {args.stream_workers}\n"))
         queued = start_model(bal, {"model": MODEL, "engine": "sim", "replicas": 3, "vram": "1GiB",
                                    "args": ["--startup-s", "0", "--max-num-seqs", "4"]})
         bal_lc, bal_rr = start_nginx(procs, queued, workdir)
@@ -468,7 +494,7 @@ def report(rows: list[tuple[str, str, float, str, float, float | None, bool]], e
         if target is not None:
             ok = ratio >= target if higher else ratio <= target
             verdict = f"{'≥' if higher else '≤'} {target:.2f} {'✓' if ok else '✗'}"
-        table.append(f"| {measure_} | {subject} | {value:,.0f} | {ref} | {ref_value:,.0f} | {ratio:.2f} | {verdict} |")
+        table.append(f"| {measure_} | {subject} | {value:,.0f} | {ref} | {ref_value:,.0f} | {ratio:.3f} | {verdict} |")
     cpu = extra.get("gpud CPU µs per event", float("nan"))
     overhead = extra.get("first event overhead ms", float("nan"))
     table += [
@@ -476,6 +502,8 @@ def report(rows: list[tuple[str, str, float, str, float, float | None, bool]], e
         "| figure | value | target |",
         "| --- | ---: | ---: |",
         f"| gpud CPU per forwarded event (daemon + workers) | {cpu:.1f} µs | ≤ 20 µs {'✓' if cpu <= 20 else '✗'} |",
+        f"| nginx CPU per forwarded event (master + 1 worker, the same streams) | "
+        f"{extra.get('nginx CPU µs per event', float('nan')):.1f} µs | |",
         f"| first event, gpud − direct (median of {extra.get('streams', 0):.0f} opened at once) | "
         f"{overhead:+.1f} ms ({extra['first event gpud ms']:.1f} vs {extra['first event direct ms']:.1f}) | "
         f"≤ +5 ms {'✓' if overhead <= 5 else '✗'} |",
@@ -491,6 +519,8 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=32, help="wrk connections")
     parser.add_argument("--streams", type=int, default=64)
     parser.add_argument("--workers", default="1,2", help="proxy.workers values to measure, e.g. 1,2,4")
+    parser.add_argument("--stream-workers", type=int, default=1,
+                        help="proxy.workers for the streaming and balancing runs (default 1: auto on 2 cores)")
     parser.add_argument("--vllm-router", metavar="PATH", help="the vllm-router binary (default: on PATH)")
     parser.add_argument("--rate", type=float, default=50.0, help="balancing load, requests/s")
     parser.add_argument("--balance-duration", type=float, default=30.0, help="seconds per balancing run")
@@ -527,30 +557,16 @@ def main() -> int:
 
 def write_section(path: Path, table: list[str], args: argparse.Namespace) -> None:
     command = (f"python bench/proxy_bench.py --duration {args.duration:g} --rounds {args.rounds} --connections "
-               f"{args.connections} --streams {args.streams} --workers {args.workers} --rate {args.rate:g} "
-               f"--balance-duration {args.balance_duration:g}")
-    cpu = platform.machine()
-    with contextlib.suppress(OSError):
-        model = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-        cpu = model.group(1) if model else cpu
-    section = "\n".join([
-        "## Proxy",
-        "",
-        f"Measured {datetime.date.today().isoformat()} on {os.cpu_count()} cores ({cpu}), {platform.system()} "
-        f"{platform.release()}, Python {platform.python_version()}. Everything shares these cores: wrk, the "
-        "daemon and its proxy workers, the backends, nginx, vllm-router and the stream clients. Median of the "
-        "rounds.",
+               f"{args.connections} --streams {args.streams} --workers {args.workers} --stream-workers "
+               f"{args.stream_workers} --rate {args.rate:g} --balance-duration {args.balance_duration:g}")
+    benchdoc.write_section(path, "Proxy", [
+        f"{benchdoc.measured()} Everything shares these cores: wrk, the daemon and its proxy workers, the backends, "
+        "nginx, vllm-router and the stream clients. Median of the rounds.",
         "",
         f"    {command}",
         "",
         *table,
-        "",
     ])
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(r"^## Proxy\n.*?(?=^## |\Z)", re.M | re.S)
-    text = pattern.sub(section + "\n", text, count=1) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-    print(f"\nWrote the Proxy section of {path}.")
 
 
 if __name__ == "__main__":

@@ -29,10 +29,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime
-import os
-import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -46,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import benchdoc  # noqa: E402
 import psutil  # noqa: E402
 from benchdaemon import BenchDaemon, running_daemon  # noqa: E402
 from chat_workload import (  # noqa: E402
@@ -241,24 +238,13 @@ def report(rows: dict[str, dict[str, float]], mix: dict[str, dict[str, float]], 
 
 
 def write_section(path: Path, table: list[str], args: argparse.Namespace) -> None:
-    cpu = platform.machine()
-    with contextlib.suppress(OSError):
-        found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-        cpu = found.group(1) if found else cpu
-    section = "\n".join([
-        "## Routing", "",
-        f"Measured {datetime.date.today().isoformat()} on {os.cpu_count()} cores ({cpu}), Python "
-        f"{platform.python_version()}; the client, the daemon, its proxy worker, nginx, vllm-router and the sim "
+    benchdoc.write_section(path, "Routing", [
+        f"{benchdoc.measured()} The client, the daemon, its proxy worker, nginx, vllm-router and the sim "
         "replicas share these cores. Replicas: `--prefill-ms-per-1k-tokens 200 --prefix-cache-tokens 200000 "
         "--max-num-seqs 4`, 3 per target, cold at the start.", "",
         f"    python bench/routing_bench.py --conversations {args.conversations} --load {args.load:g} "
         f"--mix-rate {args.mix_rate:g} --mix-duration {args.mix_duration:g} --flat-requests {args.flat_requests}", "",
-        *table, ""])
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(r"^## Routing\n.*?(?=^## |\Z)", re.M | re.S)
-    text = pattern.sub(section + "\n", text, count=1) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-    print(f"\nWrote the Routing section of {path}.")
+        *table])
 
 
 if __name__ == "__main__":
