@@ -32,7 +32,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import modelfiles as mf  # noqa: E402 - after the path setup above
 
-from gpud.estimate import Estimate, estimate_model  # noqa: E402
+from gpud.estimate.formula import Estimate  # noqa: E402
+from gpud.estimate.model import estimate_model  # noqa: E402
 from gpud.units import format_size  # noqa: E402
 
 GiB = 2**30

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from gpud.config import EstimateSettings
-from gpud.estimate import estimate_model
+from gpud.estimate.model import estimate_model
 from gpud.spec import ModelSpec, merge_env
 
 

@@ -22,9 +22,10 @@ from modelfiles import (
 )
 
 from gpud.errors import InvalidInput
-from gpud.estimate import Estimate, estimate_model
 from gpud.estimate.args import engine_arg, kv_cache_bytes, max_model_len
+from gpud.estimate.formula import Estimate
 from gpud.estimate.hfconfig import shape_from_config
+from gpud.estimate.model import estimate_model
 
 
 def estimate(model: str | Path, *args: str, gpus: int = 1, context: int | None = None, sequences: int = 4,
