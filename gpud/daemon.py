@@ -139,6 +139,8 @@ class Daemon:
             log.info("gpud %s: control socket %s, proxy http://%s, GPUs %s", _version(), settings.socket,
                      settings.proxy.listen, settings.gpus)
             await self._restore(service)
+            if registry.counts()["models"]:
+                supervisor.shims.warm()  # the next start (a wake, most often) need not wait for an interpreter
             self.ready = True
             self.notifier.notify("READY=1", f"STATUS={_status_line(registry)}", f"MAINPID={os.getpid()}")
             background = [loop.create_task(self._housekeeping(registry, ledger)), loop.create_task(demand.run())]

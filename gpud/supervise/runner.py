@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -192,13 +191,9 @@ class ReplicaRunner:
         path = log_path(self.sup.state_dir, replica.model, replica.index)
         path.parent.mkdir(parents=True, exist_ok=True)
         env = self.sup.replica_env(self.model, replica)
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gpud.supervise.shim", "--log", str(path),
-            "--stop-timeout", f"{self.sup.settings.stop_timeout_sec:g}", "--parent-pid", str(os.getpid()),
-            "--", *plan.argv,
-            env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            start_new_session=True, cwd=str(self.sup.state_dir),
-        )
+        proc = await self.sup.shims.start(
+            ["--log", str(path), "--stop-timeout", f"{self.sup.settings.stop_timeout_sec:g}",
+             "--parent-pid", str(os.getpid()), "--", *plan.argv], env)
         self.run = _Run(proc)
         self.sup.registry.set_state(replica, ReplicaState.STARTING)
         asyncio.get_running_loop().create_task(self._read_events(self.run))

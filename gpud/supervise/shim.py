@@ -2,6 +2,7 @@
 
     python -m gpud.supervise.shim --log FILE [--log-max-bytes N] [--log-backups N] [--stop-timeout S]
                           [--parent-pid PID] -- ARGV...
+    python -m gpud.supervise.shim --standby      (the same arguments and the environment arrive on stdin)
 
 The daemon starts it with ``start_new_session=True`` and the replica's environment. The shim
 
@@ -350,9 +351,32 @@ def parse_args(args: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return ns, argv
 
 
+def await_order() -> list[str] | None:
+    """`--standby`: started ahead of need, with the imports done, wait for one order on stdin — a JSON line
+    {"args": [shim arguments], "env": {the replica's environment}} — then become that replica's shim (see
+    gpud.supervise.standby). None when the daemon closes the pipe (or dies) without sending one."""
+    die_with_parent(signal.SIGTERM)  # a standby never outlives the daemon either
+    line = sys.stdin.buffer.readline()
+    if not line:
+        return None
+    order = json.loads(line)
+    os.environ.clear()
+    os.environ.update(order["env"])  # the engine inherits it, as it would have from a shim started with it
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    return [str(a) for a in order["args"]]
+
+
 def main(args: list[str] | None = None) -> int:
     observed_parent = os.getppid()
-    ns, argv = parse_args(sys.argv[1:] if args is None else args)
+    args = sys.argv[1:] if args is None else args
+    if args == ["--standby"]:
+        ordered = await_order()
+        if ordered is None:
+            return 0
+        args = ordered
+    ns, argv = parse_args(args)
     parent_pid = ns.parent_pid if ns.parent_pid is not None else observed_parent
     if os.getpgrp() != os.getpid():
         # The daemon asks for a new session; if it did not, at least lead a process group so that

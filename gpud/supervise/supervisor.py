@@ -2,7 +2,7 @@
 
 Replicas that share a GPU start one at a time (vLLM profiles free memory while it starts). The per-replica
 lifecycle itself is gpud.supervise.runner; the parent shim that owns each replica's process tree is
-gpud.supervise.shim.
+gpud.supervise.shim, started from a standby when one waits (gpud.supervise.standby).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from gpud.gpus.ledger import Ledger, OwnedPids
 from gpud.registry import Model, Registry, Replica
 from gpud.spec import merge_env
 from gpud.supervise.runner import ReplicaRunner
+from gpud.supervise.standby import ShimStarter
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ class Supervisor:
         self.runners: dict[tuple[str, int], ReplicaRunner] = {}
         self._gpu_locks: dict[int, asyncio.Lock] = {}
         self._session: aiohttp.ClientSession | None = None
+        self.shims = ShimStarter(state_dir, {**os.environ, INSTANCE_ENV: instance})
 
     def taken_ports(self) -> set[int]:
         return {r.port for m in self.registry for r in m.replicas.values() if r.port}
@@ -111,6 +113,7 @@ class Supervisor:
     async def shutdown(self) -> None:
         await asyncio.gather(*(r.stop() for r in list(self.runners.values())), return_exceptions=True)
         self.runners.clear()
+        await self.shims.close()
         if self._session is not None:
             await self._session.close()
             self._session = None
