@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -35,6 +35,12 @@ log = logging.getLogger(__name__)
 
 MAX_HEAD = 64 * 1024
 MAX_HEADERS = 128
+# After refusing a request whose body is still coming (413), read and drop what the client sends until it
+# closes, goes quiet this long, or this much time has passed, then close: closing with unread bytes makes the
+# kernel answer with a reset, which would throw away the 413 before the client reads it (nginx's
+# lingering_close, lingering_timeout and lingering_time).
+LINGER_QUIET_SEC = 5.0
+LINGER_MAX_SEC = 30.0
 _PIPELINE_LIMIT = 16  # requests queued behind the one in flight before reading pauses
 
 # What the one timer of a connection is waiting for.
@@ -98,7 +104,11 @@ class ClientConnection(asyncio.Protocol):
         self._queue: deque[Request] = deque()
         self._task: asyncio.Task[None] | None = None
         self._write_paused = False
-        self._refusing = False  # an error answer is out; read nothing more
+        self._refusing = False  # an error answer is due or out; nothing more is parsed or forwarded
+        self._refusal = b""  # that answer, written once the request in flight (if any) is answered
+        self._answering = False  # some bytes of the answer to the request in flight are written
+        self._linger_quiet_until = 0.0
+        self._linger_end = 0.0
         self._waiting = _NOTHING
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
@@ -113,10 +123,15 @@ class ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._refusing:
+            self._linger_quiet_until = self.loop.time() + LINGER_QUIET_SEC  # dropped unread, on purpose
             return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
+            if self._task is not None:  # the upgrading request itself is being answered: no second answer
+                self._refusing, self._refusal = True, b""
+                self._queue.clear()
+                return
             self._refuse(400, "Protocol upgrades and CONNECT are not supported by the gpud proxy.", "unsupported",
                          "bad_request")
         except httptools.HttpParserError as exc:
@@ -160,6 +175,8 @@ class ClientConnection(asyncio.Protocol):
         self._grow_head(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._refusing:  # llhttp goes on with the bytes of this read: none of them counts any more
+            return
         headers = self._request.headers
         headers.append((name, value))
         self._grow_head(len(name) + len(value) + 4)
@@ -168,6 +185,8 @@ class ClientConnection(asyncio.Protocol):
                          "bad_request")
 
     def on_headers_complete(self) -> None:
+        if self._refusing:
+            return
         parser, request = self._parser, self._request
         fields = request.fields
         for name, value in reversed(request.headers):  # the first occurrence wins
@@ -186,6 +205,8 @@ class ClientConnection(asyncio.Protocol):
         self._wait_for(_BODY)
 
     def on_body(self, data: bytes) -> None:
+        if self._refusing:
+            return
         self._body_size += len(data)
         if self._body_size > self.hooks.max_body:  # no Content-Length (chunked): the limit applies while reading
             self._refuse(413, f"The request body is larger than the proxy's limit of {self.hooks.max_body} bytes.",
@@ -195,6 +216,8 @@ class ClientConnection(asyncio.Protocol):
         self._deadline = self.loop.time() + self.hooks.client_timeout  # progress
 
     def on_message_complete(self) -> None:
+        if self._refusing:  # a refused request is never handled, whatever its parse went on to find
+            return
         request = self._request
         body = self._body
         request.body = body[0] if len(body) == 1 else b"".join(body)
@@ -211,6 +234,7 @@ class ClientConnection(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.gone:
+            self._answering = True
             self.transport.write(data)
 
     def finish(self, keep_alive: bool) -> None:
@@ -219,7 +243,10 @@ class ClientConnection(asyncio.Protocol):
         self.upstream = None
         if self.gone or self.transport is None:
             return
-        if not keep_alive or self._refusing:
+        if self._refusing:
+            self._send_refusal()
+            return
+        if not keep_alive:
             self.transport.close()  # flushes what is buffered first
             self.gone = True
             return
@@ -235,6 +262,7 @@ class ClientConnection(asyncio.Protocol):
             self.transport.abort()
 
     def _start(self, request: Request) -> None:
+        self._answering = False
         self._task = self.loop.create_task(self._run(request))
 
     async def _run(self, request: Request) -> None:
@@ -245,6 +273,9 @@ class ClientConnection(asyncio.Protocol):
         except Exception:  # a bug must not leave the client hanging: answer, and say so once in the log
             log.exception("the proxy failed on %s %s", request.method.decode("latin-1"),
                           request.target[:200].decode("latin-1"))
+            if self._answering:  # part of an answer is out: a 500 now would be read as its rest
+                self.abort()
+                return
             self.write(error_response(500, "The gpud proxy hit an internal error.", "server_error", "internal_error",
                                       keep_alive=False))
             self.finish(False)
@@ -261,13 +292,39 @@ class ClientConnection(asyncio.Protocol):
         self._refusing = True
         self.hooks.rejected(status, kind)
         self._wait_for(_NOTHING)
-        if self._task is not None:  # answer the one in flight first; then this connection closes
-            self._queue.clear()
+        self._refusal = error_response(status, message, "invalid_request_error", code, keep_alive=False)
+        self._queue.clear()
+        if self._task is None:  # else the one in flight is answered first (see finish)
+            self._send_refusal()
+
+    def _send_refusal(self) -> None:
+        """Write the refusal, close our side for writing, and drop what the client still sends for a while
+        (see LINGER_QUIET_SEC) before closing."""
+        transport = self.transport
+        if transport is None or self.gone:
             return
-        self.write(error_response(status, message, "invalid_request_error", code, keep_alive=False))
-        if self.transport is not None:
-            self.transport.close()
-        self.gone = True
+        transport.write(self._refusal)
+        self.gone = True  # nothing more is written to this client
+        try:
+            if not transport.can_write_eof():
+                raise OSError("no half-close on this transport")
+            transport.write_eof()
+        except OSError:  # the client is gone already, or the transport cannot half-close: just close
+            transport.close()
+            return
+        now = self.loop.time()
+        self._linger_quiet_until, self._linger_end = now + LINGER_QUIET_SEC, now + LINGER_MAX_SEC
+        self.loop.call_at(self._linger_quiet_until, self._linger)
+
+    def _linger(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        now = self.loop.time()
+        if now >= self._linger_quiet_until or now >= self._linger_end:
+            transport.close()
+            return
+        self.loop.call_at(min(self._linger_quiet_until, self._linger_end), self._linger)
 
     # -- the one timer ---------------------------------------------------------------------------------
 
@@ -294,5 +351,3 @@ class ClientConnection(asyncio.Protocol):
         self.hooks.client_timed_out()
         self.abort()
 
-
-Factory = Callable[[], ClientConnection]

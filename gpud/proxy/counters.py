@@ -18,7 +18,9 @@ import mmap
 import os
 import struct
 
-MAX_WORKERS = 8  # SPEC §14: `auto` is at most 8
+from gpud.config import MAX_PROXY_WORKERS
+
+MAX_WORKERS = MAX_PROXY_WORKERS  # SPEC §14: a row per worker
 REPLICA_SLOTS = 8192
 MODEL_SLOTS = 2048
 

@@ -103,7 +103,7 @@ def client_head(
         parts.append(b"Transfer-Encoding: chunked\r\n")
     elif content_length is not None and framing in (Framing.LENGTH, Framing.NONE):
         parts.append(b"Content-Length: %d\r\n" % content_length)
-    elif framing is Framing.NONE:
+    elif framing is Framing.NONE and status not in (204, 304):  # RFC 9110 §8.6: never on a 204 (or a 304's own)
         parts.append(b"Content-Length: 0\r\n")
     else:
         keep_alive = False  # the body ends when the connection does
@@ -119,7 +119,7 @@ def error_body(message: str, type_: str, code: str) -> bytes:
 
 
 def simple_response(status: int, body: bytes, *, content_type: bytes = b"application/json",
-                    extra: Sequence[tuple[bytes, bytes]] = (), keep_alive: bool = True, head_only: bool = False) -> bytes:
+                    extra: Sequence[tuple[bytes, bytes]] = (), keep_alive: bool = True) -> bytes:
     """A whole response from the proxy itself (errors, /health, /v1/models, /metrics)."""
     parts = [b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
              % (status, _REASONS.get(status, b"Unknown"), content_type, len(body))]
@@ -128,8 +128,7 @@ def simple_response(status: int, body: bytes, *, content_type: bytes = b"applica
     if not keep_alive:
         parts.append(b"Connection: close\r\n")
     parts.append(b"\r\n")
-    if not head_only:
-        parts.append(body)
+    parts.append(body)
     return b"".join(parts)
 
 

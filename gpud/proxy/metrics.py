@@ -82,7 +82,7 @@ class RequestMetrics:
             "gpud_proxy_errors",
             "Proxy errors by kind: bad_request, too_large, unauthorized, model_not_found, no_ready_replica, "
             "connect (one per failed upstream attempt), upstream (broken after the response started), "
-            "timeout, client_disconnect, client_timeout, too_many_connections.",
+            "timeout, client_disconnect, client_timeout, too_many_connections, wake (an idle model could not be woken).",
             (*labels, "kind"), registry=own)
         self.duration = Histogram(
             "gpud_proxy_request_duration_seconds", "Time from request arrival to the last response byte.",

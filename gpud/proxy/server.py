@@ -249,7 +249,7 @@ class Proxy:
                 body = {"object": "list", "data": [_model_object(route)] if route is not None else []}
                 answer = simple_response(200, json.dumps(body).encode(), keep_alive=request.keep_alive) \
                     if route is not None else _model_not_found(name)
-                self._refuse(conn, request, answer)
+                self._refuse(conn, request, answer if request.method != _HEAD else _head_of(answer))
                 return
         if self._keys and not self._authorized(request):
             self._refuse(conn, request, self._unauthorized())
@@ -360,6 +360,12 @@ class Proxy:
             table = self.sessions if policy == "session" else self.prefixes
             key = self._route_key(request, route, doc)
         while True:
+            if excluded:  # a retry goes by the table as it is now: a replica withdrawn meanwhile is not tried
+                current = self.table.models.get(route.name)
+                if current is None:
+                    self._no_replica(conn, request, route.name, failures)
+                    return
+                route = current
             if table is not None and not excluded:  # the policy's choice; a retry goes by least connections
                 replica, cursor, outcome = table.choose(key, route.ready, counters.inflight,  # type: ignore[arg-type]
                                                         counters.cursor(route.slot))
@@ -434,11 +440,12 @@ class Proxy:
             series.request(head.status, time.perf_counter() - started)
             conn.finish(keep)
             return
+        # The relay's source is known before the first write: a client that cannot take even that pauses it.
+        conn.upstream = upstream
         conn.write(client + first if first else client)
         if first:
             series.ttfb.observe(time.perf_counter() - started)
         upstream.last = first
-        conn.upstream = upstream
         try:
             await upstream.relay(conn)
         except (BrokenResponse, UpstreamTimeout) as exc:

@@ -12,6 +12,7 @@ handed out again only once no worker counts a request in it.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
@@ -102,7 +103,9 @@ class Slots:
         self.counters = counters
         self._models: dict[str, int] = {}
         self._replicas: dict[tuple[str, int], int] = {}
-        self._free_models = list(range(counters.model_slots - 1, -1, -1))
+        # Oldest freed first: a request that outlives its model (a drain timeout, a worker on an older table)
+        # counts into a slot that no new model takes for the next model_slots - 1 starts.
+        self._free_models = collections.deque(range(counters.model_slots))
         self._free_replicas = list(range(counters.replica_slots - 1, -1, -1))
         self._draining: list[int] = []  # freed replica slots that some worker still counts in
 
@@ -111,7 +114,7 @@ class Slots:
         if slot is None:
             if not self._free_models:
                 raise RuntimeError("no free model slot in the proxy counters")
-            slot = self._models[name] = self._free_models.pop()
+            slot = self._models[name] = self._free_models.popleft()
             self.counters.reset_model(slot)
         return slot
 
@@ -169,7 +172,7 @@ class Feed:
                 replicas.append(ReplicaRoute(replica.index, replica.port, slots.replica(model.name, replica.index),
                                              replica.state.value, replica.restarts))
             waits = model.idle or model.operation in (Operation.LOAD, Operation.UNLOAD)
-            models[model.name] = ModelRoute.of(model.name, slots.model(model.name), model.state().value,
+            models[model.name] = ModelRoute.of(model.name, slots.model(model.name), model.served_state(),
                                                model.created_at, replicas, model.spec.routing, waits)
         slots.keep_only(set(models), live)
         self._version += 1

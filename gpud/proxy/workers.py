@@ -143,9 +143,6 @@ class ProxyWorkers:
         self.counters.close()
         shutil.rmtree(self._metrics_dir, ignore_errors=True)
 
-    def pids(self) -> list[int]:
-        return [w.proc.pid for w in self._workers if w.proc is not None and w.proc.returncode is None]
-
     # ---- one worker -----------------------------------------------------------------------------------
     async def _spawn(self, worker: _Worker) -> None:
         self._metrics_dir.mkdir(parents=True, exist_ok=True)  # a worker cannot start without it
@@ -154,17 +151,21 @@ class ProxyWorkers:
         job = {
             "index": worker.index, "host": self.settings.listen_host, "port": self.settings.listen_port,
             "settings": {**settings, "api_keys": list(settings["api_keys"])}, "parent_pid": os.getpid(),
-            "counters_fd": self._counters_fd, "link_fd": theirs.fileno(), "metrics_dir": str(self._metrics_dir),
+            "counters_fd": self._counters_fd, "metrics_dir": str(self._metrics_dir),
         }
         env = {**os.environ, MULTIPROC_ENV: str(self._metrics_dir), WORKER_ENV: self.instance}
         worker.ready.clear()
+        if worker.writer is not None:  # the link of the worker's previous life
+            worker.writer.close()
         worker.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gpud.proxy.worker", json.dumps(job),
+            sys.executable, "-m", "gpud.proxy.worker", str(theirs.fileno()),
             pass_fds=(self._counters_fd, theirs.fileno()), stdin=asyncio.subprocess.DEVNULL, env=env,
             start_new_session=True,
         )
         theirs.close()
         reader, worker.writer = await asyncio.open_unix_connection(sock=ours, limit=2**20)
+        # The job first, over the link: it holds the API keys, which a command line would show to every user.
+        self._send(worker, {"t": "job", "job": job})
         self._send(worker, {"t": "table", "table": None}, raw=self._table)
         self._background(self._listen(worker, reader))
         self._background(self._watch(worker, worker.proc))
@@ -263,10 +264,6 @@ class ProxyWorkers:
         for worker in self._workers:
             self._send(worker, {"t": "table", "table": None}, raw=table)
 
-    def push_now(self) -> None:
-        """Send the table at once (the ledger changed without a registry event, say)."""
-        self._push()
-
     def _send(self, worker: _Worker, message: dict[str, Any], raw: bytes | None = None) -> None:
         writer = worker.writer
         if writer is None or writer.is_closing():
@@ -281,13 +278,16 @@ class ProxyWorkers:
         ledger_seen = json.dumps(self.ledger_rows(), sort_keys=True)
         tick = 0
         while True:
-            self.feed.copy_counts()
-            tick += 1
-            if tick % 40 == 0:  # every 2 s: the ledger moves with NVML readings, not only with the registry
-                seen = json.dumps(self.ledger_rows(), sort_keys=True)
-                if seen != ledger_seen:
-                    ledger_seen = seen
-                    self._push()
+            try:
+                self.feed.copy_counts()
+                tick += 1
+                if tick % 40 == 0:  # every 2 s: the ledger moves with NVML readings, not only with the registry
+                    seen = json.dumps(self.ledger_rows(), sort_keys=True)
+                    if seen != ledger_seen:
+                        ledger_seen = seen
+                        self._push()
+            except Exception:  # one failed pass (a ledger reading) must not stop the copying for good
+                log.exception("copying the proxy workers' counts failed; trying again")
             await asyncio.sleep(SYNC_SEC)
 
     # ---- helpers --------------------------------------------------------------------------------------

@@ -176,3 +176,26 @@ def test_workers_setting(tmp_path: os.PathLike[str]) -> None:
     for bad in ("0", "9", '"many"', "true"):
         with pytest.raises(InvalidInput, match="workers"):
             workers(bad)
+
+
+def test_the_api_keys_reach_the_workers_but_no_command_line(make_daemon) -> None:  # type: ignore[no-untyped-def]
+    key = "sk-not-for-ps-eyes"
+    daemon = make_daemon(config=FAST_CONFIG + f'[proxy]\nworkers = 2\napi_keys = ["{key}"]\n').start()
+    wait_until(lambda: len(workers_of(daemon)) == 2, 15, "two proxy workers")
+    root = psutil.Process(daemon.proc.pid)
+    for proc in [root, *root.children(recursive=True)]:
+        assert key not in " ".join(proc.cmdline()), f"the API key is on the command line of pid {proc.pid}"
+
+    def models(headers: dict[str, str]) -> int:
+        conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=10)
+        try:
+            conn.request("GET", "/v1/models", headers=headers)
+            response = conn.getresponse()
+            response.read()
+            return response.status
+        finally:
+            conn.close()
+
+    # Each worker has the key (SO_REUSEPORT spreads connections, so several tries reach both).
+    assert Counter(models({}) for _ in range(10)) == {401: 10}
+    assert Counter(models({"Authorization": f"Bearer {key}"}) for _ in range(10)) == {200: 10}
