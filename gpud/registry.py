@@ -98,7 +98,8 @@ class Model:
     task: asyncio.Task[None] | None = field(default=None, repr=False)  # the operation's task
     # SPEC §12. `idle`: nothing loaded, wakes on demand. `desired`: replicas it runs now (spec.replicas, the
     # floor, plus what load-based scaling added). `last_request_at`: when a POST to the model last began or
-    # ended (epoch s; the proxy workers count it, the daemon copies it here). `loaded_at`: when its last start or wake settled (the idle clock's start).
+    # ended (epoch s; the proxy workers count it, the daemon copies it here). `loaded_at`: when a replica was
+    # first ready since the model was last loaded (the idle clock's start; set by set_state).
     idle: bool = False
     desired: int = 0
     last_request_at: float | None = None
@@ -135,6 +136,14 @@ class Model:
         if any(s in troubled for s in states) or any(r.restarts for r in self.replicas.values()):
             return ModelState.DEGRADED
         return ModelState.STARTING
+
+    def served_state(self) -> str:
+        """The state as the proxy's per-model health and the gateway read it: an unload (idle timeout,
+        `model unload`, an eviction) leads to `idle`, which is still served (the next request wakes it,
+        SPEC §12), not to `stopping`, which is the end of the model on this node."""
+        if self.operation is Operation.UNLOAD and not self.stopping:
+            return ModelState.IDLE.value
+        return self.state().value
 
     def settled(self) -> bool:
         """True when waiting for this model is over: every replica ready, or one has failed for good."""
@@ -215,6 +224,11 @@ class Registry:
         # A failure's sentence stays visible through the restart that follows it; being ready clears it.
         if message is not None or state is ReplicaState.READY:
             replica.message = message
+        model = self.models.get(replica.model)
+        if state is ReplicaState.READY and model is not None and model.loaded_at is None:
+            # SPEC §12: the idle clock starts when the model serves, however it got there (a start, a wake, a
+            # restart of a failed model, a replica coming back while another still starts).
+            model.loaded_at = replica.since
         self.changed(replica.model)
 
     def changed(self, name: str) -> None:

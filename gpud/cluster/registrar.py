@@ -90,6 +90,7 @@ class Registrar:
         self._problem: GatewayError | None = None  # what went wrong in the last pass
         self._last: dict[str, Any] = {"ok": None, "at": None, "error": None}
         self._plan = Plan()
+        self.events_seen = 0  # registry events the loop has looked at (what a test waits on)
 
     @classmethod
     def for_daemon(cls, settings: Settings, registry: Registry) -> Registrar:
@@ -107,7 +108,7 @@ class Registrar:
         if self._closing:
             self._wanted = frozenset()
         else:
-            views = [ModelView(m.name, m.state().value, len(m.ready_replicas())) for m in self._registry]
+            views = [ModelView(m.name, m.served_state(), len(m.ready_replicas())) for m in self._registry]
             self._wanted = wanted_names(views, self._wanted)
         return self._wanted
 
@@ -230,6 +231,7 @@ class Registrar:
                 while (left := deadline - loop.time()) > 0:
                     if not await within(queue.get(), left):
                         break
+                    self.events_seen += 1
                     # While the gateway fails, its backoff sets the pace; else a change is acted on at once.
                     if self._look() != self._acted_on and not self._backoff:
                         break
@@ -311,3 +313,4 @@ class Registrar:
             "last_sync": last,
             "workers": sorted(workers, key=lambda w: str(w["model"])),
         }
+

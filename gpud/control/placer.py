@@ -11,7 +11,7 @@ else can take the room meanwhile.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from gpud.config import Settings
 from gpud.demand.evict import plan_eviction, views_without
@@ -94,6 +94,18 @@ class Placer:
             Reservation(spec.name, p.index, p.gpus, p.vram_by_gpu, exclusive=spec.vram_bytes is None)
             for p in placements
         ], replacing=[m.name for m in evicting])
+
+    def holds(self, model: str, index: int) -> bool:
+        """Whether replica `index` of `model` still has its reservation (one that ended for good has none)."""
+        return self.ledger.holds(model, index)
+
+    def release_all_but(self, model: str, keep: Iterable[int]) -> list[int]:
+        """Free the reservations of `model`'s replicas that are not in `keep` (what an operation that failed
+        half-way reserved for replicas it never added); returns their indices."""
+        kept = set(keep)
+        extra = [index for index in self.ledger.reserved_replicas(model) if index not in kept]
+        self.release(model, extra)
+        return extra
 
     def release(self, model: str, indices: list[int] | None = None) -> None:
         """Free the memory of these replicas of `model` (every one when `indices` is None)."""

@@ -151,12 +151,12 @@ class ModelService:
         if idle:
             self.registry.changed(spec.name)
             return model
-        unloads = self._evict(victims, needed_by=model)
-        self._begin(model, Operation.START, self._run_start(model, unloads))
+        evicted = self._evict(victims, needed_by=model)
+        self._begin(model, Operation.START, self._run_start(model, evicted))
         return model
 
-    async def _run_start(self, model: Model, unloads: Sequence[asyncio.Task[None]] = ()) -> None:
-        await self._gone(unloads)
+    async def _run_start(self, model: Model, evicted: Sequence[Model] = ()) -> None:
+        await self._gone(evicted)
         if self.prepare is not None:
             try:
                 await self.prepare(model)
@@ -170,8 +170,6 @@ class ModelService:
             if not model.stopping:
                 self._launch(model, replica)
         await self._wait_settled(model)
-        if model.ready_replicas():
-            model.loaded_at = time.time()  # SPEC §12: the idle clock starts when the model is running
 
     async def scale(self, name: str, replicas: int) -> Model:
         """`model scale` (SPEC §5); it also sets the floor that load-based scaling never goes below (§12)."""
@@ -207,19 +205,19 @@ class ModelService:
         if model.idle:
             self.registry.changed(name)
             return model
-        unloads = self._evict(victims, needed_by=model)
-        self._begin(model, Operation.SCALE, self._run_scale(model, new, removed, unloads))
+        evicted = self._evict(victims, needed_by=model)
+        self._begin(model, Operation.SCALE, self._run_scale(model, new, removed, evicted))
         return model
 
     async def _run_scale(self, model: Model, new: list[Replica], removed: list[int],
-                         unloads: Sequence[asyncio.Task[None]] = ()) -> None:
+                         evicted: Sequence[Model] = ()) -> None:
         for index in removed:
             self.registry.set_state(model.replicas[index], ReplicaState.STOPPING)
         await asyncio.gather(*(self.supervisor.stop(model.name, i) for i in removed))
         self.placer.release(model.name, removed)
         for index in removed:
             model.replicas.pop(index, None)
-        await self._gone(unloads)
+        await self._gone(evicted)
         for replica in new:
             model.replicas[replica.index] = replica
             self._launch(model, replica)
@@ -270,7 +268,7 @@ class ModelService:
         if rolling:
             for replica in others:
                 fresh = await self._restart_one(model, replica)
-                await self._wait_settled(model)
+                await self._wait_replica_settled(model, fresh)  # not the model: another may have failed meanwhile
                 if fresh.state is not ReplicaState.READY:
                     # The new version does not come up: keep the others serving the old one (why --rolling).
                     log.warning("model %s: rolling restart stopped at replica %d (%s)", model.name, fresh.index,
@@ -283,7 +281,18 @@ class ModelService:
     async def _restart_one(self, model: Model, replica: Replica) -> Replica:
         # The reservation stays in place across the restart: nobody else can take the memory meanwhile.
         await self.supervisor.stop(model.name, replica.index)
-        fresh = Replica(model.name, replica.index, replica.gpus, replica.vram_by_gpu, restarts=replica.restarts)
+        gpus, vram_by_gpu = replica.gpus, replica.vram_by_gpu
+        if not self.placer.holds(model.name, replica.index):
+            # It failed for good while a rolling restart went through the others, and its memory went back:
+            # placed again, or failed with the reason, never launched on memory it does not hold.
+            try:
+                [placement] = self.placer.place(model.spec, 1, replica.index)
+            except DoesNotFit as exc:
+                self.registry.set_state(replica, ReplicaState.FAILED, exc.message)
+                return replica
+            self.placer.reserve(model.spec, [placement])
+            gpus, vram_by_gpu = placement.gpus, placement.vram_by_gpu
+        fresh = Replica(model.name, replica.index, gpus, vram_by_gpu, restarts=replica.restarts)
         model.replicas[replica.index] = fresh
         self._launch(model, fresh)
         return fresh
@@ -304,12 +313,34 @@ class ModelService:
         that is loaded or loading already is returned as it is. DoesNotFit when it cannot be placed."""
         self._check_open()
         model = self.get(name)
-        if model.operation is Operation.UNLOAD and model.task is not None:
-            await asyncio.wait([model.task])  # then wake it again, as asked
-            model = self.get(name)
+        if model.operation is Operation.UNLOAD and model.task is not None and not model.task.done():
+            # The unload may take its drain and stop timeouts (a minute): answer now, wake it once it is idle.
+            self._after(model.task, lambda: self._load_after_unload(model))
+            return model
         if model.idle and model.operation is None:
             self._begin_load(model, why="load")
         return model
+
+    def _load_after_unload(self, model: Model) -> None:
+        if self.closing or self.registry.models.get(model.name) is not model or not model.idle or model.operation:
+            return  # stopped, shut down, or woken by a request meanwhile
+        try:
+            self._begin_load(model, why="load")
+        except GpudError as exc:
+            model.message = exc.message  # `model show` says why it stays idle
+            log.warning("model %s: cannot load it after its unload: %s", model.name, exc.message)
+            self.registry.changed(model.name)
+
+    def _after(self, task: asyncio.Task[None], then: Callable[[], None]) -> None:
+        """Call `then()` once `task` has ended (however it ended), from a task of the service's own."""
+
+        async def waiter() -> None:
+            await asyncio.wait([task])
+            then()
+
+        follow = asyncio.get_running_loop().create_task(waiter())
+        self._tasks.add(follow)
+        follow.add_done_callback(self._tasks.discard)
 
     async def wake(self, name: str) -> Model:
         """Wake for a request: returns once a replica of the model is ready. Idempotent: however many callers,
@@ -364,14 +395,13 @@ class ModelService:
         self.registry.publish({"type": "scaled", "name": name, "from": before, "to": model.desired, "why": why})
         self._begin(model, Operation.SCALE, self._run_scale(model, new, removed))
 
-    def _evict(self, victims: Sequence[Model], *, needed_by: Model) -> list[asyncio.Task[None]]:
-        """Begin unloading the models the planner chose for `needed_by`; their tasks end when they are idle."""
-        tasks = []
+    def _evict(self, victims: Sequence[Model], *, needed_by: Model) -> Sequence[Model]:
+        """Begin unloading the models the planner chose for `needed_by`; `_gone(victims)` waits for them."""
         for victim in victims:
             log.info("model %s: evicted to make room for %s", victim.name, needed_by.name)
             self.registry.publish({"type": "evicted", "name": victim.name, "by": needed_by.name})
-            tasks.append(self._begin_unload(victim, "evicted"))
-        return tasks
+            self._begin_unload(victim, "evicted")
+        return victims
 
     def _begin_unload(self, model: Model, why: str) -> asyncio.Task[None]:
         # Out of the balancer now, in this same step: no request may be routed to it from here on.
@@ -404,12 +434,12 @@ class ModelService:
             model.replicas[p.index] = Replica(spec.name, p.index, p.gpus, p.vram_by_gpu)
         log.info("model %s: waking (%s)", model.name, why)
         self.registry.publish({"type": "wake", "name": model.name, "why": why})
-        unloads = self._evict(victims, needed_by=model)
+        evicted = self._evict(victims, needed_by=model)
         self.save_now()
-        self._begin(model, Operation.LOAD, self._run_load(model, unloads, for_requests=why == "request"))
+        self._begin(model, Operation.LOAD, self._run_load(model, evicted, for_requests=why == "request"))
 
-    async def _run_load(self, model: Model, unloads: Sequence[asyncio.Task[None]], *, for_requests: bool) -> None:
-        await self._run_start(model, unloads)
+    async def _run_load(self, model: Model, evicted: Sequence[Model], *, for_requests: bool) -> None:
+        await self._run_start(model, evicted)
         if model.ready_replicas() and for_requests:
             model.evict_after = time.time() + WAKE_GRACE_SEC  # its waiting requests are on their way
         if model.ready_replicas() or model.stopping:
@@ -440,11 +470,14 @@ class ModelService:
         finally:
             self.registry.unsubscribe(queue)
 
-    async def _gone(self, unloads: Sequence[asyncio.Task[None]]) -> None:
-        """Wait until the evicted models are unloaded (their processes gone); cancelling this waiter leaves
-        their unloads running."""
-        if unloads:
-            await asyncio.wait(unloads)
+    async def _gone(self, evicted: Sequence[Model]) -> None:
+        """Wait until no process of the evicted models is left: their unloads, or what took an unload's place
+        (a `model stop` cancels it and stops the replicas itself). Cancelling this waiter leaves them running."""
+        for victim in evicted:
+            # Not a load that may follow (a request for the victim): that is not its processes going away.
+            while (victim.operation in (Operation.UNLOAD, Operation.STOP) and (task := victim.task) is not None
+                   and not task.done()):
+                await asyncio.wait([task])
 
     async def stop_model(self, name: str) -> Model:
         self._check_open()
@@ -473,7 +506,10 @@ class ModelService:
             previous.cancel()
             await asyncio.gather(previous, return_exceptions=True)
         if self.before_stop is not None:
-            await self.before_stop(model)
+            try:
+                await self.before_stop(model)
+            except Exception:  # the stop goes on: the state file has forgotten the model already
+                log.exception("model %s: the hook before its stop failed; stopping it anyway", model.name)
         for replica in model.replicas.values():
             if replica.state not in (ReplicaState.FAILED, ReplicaState.STOPPED):
                 self.registry.set_state(replica, ReplicaState.STOPPING)
@@ -512,6 +548,11 @@ class ModelService:
                 raise
             except Exception:
                 log.exception("model %s: %s failed", model.name, operation.value)
+                # What it reserved for replicas it never added must not stay reserved until `model stop`.
+                if self.registry.models.get(model.name) is model:
+                    leaked = self.placer.release_all_but(model.name, model.replicas)
+                    if leaked:
+                        log.warning("model %s: released the reservations of replicas %s", model.name, leaked)
             finally:
                 if model.operation == operation:
                     model.operation = None
@@ -522,6 +563,15 @@ class ModelService:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+    async def _wait_replica_settled(self, model: Model, replica: Replica) -> None:
+        """Until `replica` is ready or has failed for good (or the model is being stopped)."""
+        queue = self.registry.subscribe()
+        try:
+            while not (model.stopping or replica.state in (ReplicaState.READY, ReplicaState.FAILED)):
+                await queue.get()
+        finally:
+            self.registry.unsubscribe(queue)
 
     async def _wait_settled(self, model: Model) -> None:
         queue = self.registry.subscribe()

@@ -46,7 +46,7 @@ def parse_duration(value: object, *, what: str = "duration") -> float:
 
 
 def format_duration(seconds: float) -> str:
-    """The shortest exact form a user could type back: `90s` → `90s`, 600 → `10m`, 5400 → `1.5h`, 0 → `0`."""
+    """A short exact form a user could type back: 90 → `1.5m`, 45 → `45s`, 600 → `10m`, 5400 → `1.5h`, 0 → `0`."""
     if seconds == 0:
         return "0"
     for unit, size in (("h", 3600.0), ("m", 60.0)):

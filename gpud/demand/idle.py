@@ -38,9 +38,3 @@ def due(views: Iterable[IdleView], now: float) -> list[str]:
         if since is not None and now - since >= view.timeout_sec:
             names.append(view.name)
     return names
-
-
-def next_deadline(views: Iterable[IdleView]) -> float | None:
-    """The earliest moment a model becomes due (if nothing changes meanwhile), or None."""
-    deadlines = [since + v.timeout_sec for v in views if (since := idle_since(v)) is not None]
-    return min(deadlines, default=None)

@@ -68,14 +68,18 @@ class DemandLoop:
         self.clock = clock
         self.scaler = ScaleController(scale.up_after_sec, scale.down_after_sec)
         self._blocked: set[str] = set()  # models whose last scale-up did not fit (logged once)
+        self.last_tick_at: float | None = None  # the clock of the last pass that ran (what a test waits on)
 
     async def run(self) -> None:
         while True:
-            await self.tick()
+            try:
+                await self.tick()
+            except Exception:  # a bug in one pass must not end idle unloads and scaling for good
+                log.exception("the demand loop's pass failed; the next one runs in %g s", TICK_SEC)
             await asyncio.sleep(TICK_SEC)
 
     async def tick(self) -> None:
-        now = self.clock()
+        now = self.last_tick_at = self.clock()
         models = list(self.registry)
         for name in idle.due([idle_view(m) for m in models if m.spec.idle_timeout_sec > 0], now):
             try:

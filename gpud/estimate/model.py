@@ -55,8 +55,12 @@ def estimate_model(
     # The engine args are read first: a bad one is refused before any file is opened.
     max_len = engine_args.max_model_len(args)
     _kv_dtype, kv_dtype_bytes = engine_args.kv_cache_bytes(args)
-    path = locate(model, environ, engine_args.engine_arg(args, engine_args.REVISION))
-    fmt, weights, shape = _read(path)
+    try:
+        path = locate(model, environ, engine_args.engine_arg(args, engine_args.REVISION))
+        fmt, weights, shape = _read(path)
+    except OSError as exc:  # an unreadable directory or file (permissions, I/O): bad input here, never a 500
+        where = exc.filename if exc.filename else model
+        raise cannot_estimate(where, (exc.strerror or str(exc)).lower()) from None
     if kv_dtype_bytes is None:
         kv_dtype_bytes = shape.dtype_bytes
         if kv_dtype_bytes is None:

@@ -219,9 +219,17 @@ class Ledger:
         for r in batch:
             self._reservations[(r.model, r.replica)] = r
 
+    def holds(self, model: str, replica: int) -> bool:
+        """Whether one replica of `model` has its reservation."""
+        return (model, replica) in self._reservations
+
     def release(self, model: str, replica: int) -> None:
         """Forget one replica's reservation; nothing happens if it holds none."""
         self._reservations.pop((model, replica), None)
+
+    def reserved_replicas(self, model: str) -> list[int]:
+        """The replica indices of `model` that hold a reservation."""
+        return sorted(replica for name, replica in self._reservations if name == model)
 
     def release_model(self, model: str) -> None:
         """Forget every reservation of `model`."""

@@ -8,20 +8,10 @@ import socket
 from pathlib import Path
 
 import pytest
-from helpers import Daemon, control_connection
+from helpers import Daemon, raw_request
 
 from gpud.cli.client import model_path
 from gpud.control.api import peer_allowed
-
-
-def raw_request(daemon: Daemon, method: str, path: str, body: bytes | None = None) -> tuple[int, dict]:
-    conn = control_connection(daemon)
-    try:
-        conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        return resp.status, json.loads(resp.read() or b"null")
-    finally:
-        conn.close()
 
 
 @pytest.mark.parametrize(

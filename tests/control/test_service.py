@@ -14,7 +14,7 @@ from helpers import InProcess, tiny_engine_body
 from helpers import run_in_process as run
 
 from gpud.errors import DoesNotFit, GpudError
-from gpud.registry import Model, ReplicaState
+from gpud.registry import Model, Operation, ReplicaState
 from gpud.spec import ModelSpec
 
 GiB = 2**30
@@ -64,6 +64,41 @@ def test_a_restart_keeps_the_reservation_the_whole_time(tmp_path: Path) -> None:
         h.registry.unsubscribe(queue)
         assert seen == {(10 * GiB, 10 * GiB)}
         assert all(r.state is ReplicaState.READY for r in model.replicas.values())
+
+    run(test, tmp_path)
+
+
+def test_restarting_a_replica_that_lost_its_reservation_places_it_again(tmp_path: Path) -> None:
+    """A replica that fails for good while a rolling restart goes through the others gives its memory back
+    (on_end); when the restart reaches it, it must be placed and reserved again, not launched on nothing."""
+
+    async def test(h: InProcess) -> None:
+        model = await h.service.start_model(spec(replicas=2))
+        await settled(h, model)
+        assert h.reserved() == [10 * GiB, 10 * GiB]
+        h.service.placer.release("tiny", [1])  # what the replica's on_end does when it fails for good
+        assert h.reserved() == [10 * GiB, 0]
+        fresh = await h.service._restart_one(model, model.replicas[1])
+        assert h.service.placer.holds("tiny", 1) and sorted(h.reserved()) == [10 * GiB, 10 * GiB]
+        await h.wait(lambda: fresh.state is ReplicaState.READY, what="the replica placed again to be ready")
+
+    run(test, tmp_path)
+
+
+def test_an_operation_that_fails_half_way_leaves_no_reservation_behind(tmp_path: Path) -> None:
+    async def test(h: InProcess) -> None:
+        model = await h.service.start_model(spec(replicas=1))
+        await settled(h, model)
+        new = h.service.placer.place(model.spec, 1, 1)  # a scale reserves replica 1 …
+
+        async def broken() -> None:
+            h.service.placer.reserve(model.spec, new)
+            raise RuntimeError("a bug between the reservation and the launch")  # … and fails before adding it
+
+        h.service._begin(model, Operation.SCALE, broken())
+        await settled(h, model)
+        assert not h.service.placer.holds("tiny", 1) and h.service.placer.holds("tiny", 0)
+        assert sorted(h.reserved()) == [0, 10 * GiB]
 
     run(test, tmp_path)
 

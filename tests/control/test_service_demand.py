@@ -112,6 +112,26 @@ def test_eviction_takes_the_least_recently_used_first_and_hands_its_room_over(tm
     run(test, tmp_path, gpus="sim:80GiB")
 
 
+def test_a_model_stop_during_its_eviction_still_holds_the_new_model_back_until_its_processes_are_gone(
+        tmp_path: Path) -> None:
+    async def test(h: InProcess) -> None:
+        await loaded(h, "old", last_request_at=100.0, vram="50GiB", idle_timeout="1h")
+        events = events_of(h)
+        big = await h.service.start_model(spec("big", vram="50GiB"))  # old is evicted for it
+        await h.service.stop_model("old")  # cancels old's unload; the stop takes its replicas down instead
+        old_runners_at_big_launch: list[list[tuple[str, int]]] = []
+        while not any(r.pid for r in big.replicas.values()) and big.operation is not None:
+            event = await asyncio.wait_for(events.get(), 15)
+            if event.get("name") == "big" and big.replicas and not old_runners_at_big_launch \
+                    and any(r.state is ReplicaState.STARTING for r in big.replicas.values()):
+                old_runners_at_big_launch.append([k for k in h.supervisor.runners if k[0] == "old"])
+        await settled(h, big)
+        assert old_runners_at_big_launch == [[]], "big started while old's replica still ran"
+        assert "old" not in h.registry.models and big.state() is ModelState.RUNNING
+
+    run(test, tmp_path, gpus="sim:80GiB")
+
+
 def test_nothing_is_evicted_when_it_would_not_help(tmp_path: Path) -> None:
     async def test(h: InProcess) -> None:
         pinned = await loaded(h, "pinned", last_request_at=1.0, vram="60GiB")
@@ -222,6 +242,20 @@ def test_a_request_during_an_unload_wakes_the_model_after_it(tmp_path: Path) -> 
     run(test, tmp_path)
 
 
+def test_model_load_during_an_unload_answers_at_once_and_loads_it_after(tmp_path: Path) -> None:
+    async def test(h: InProcess) -> None:
+        model = await loaded(h, "tiny", last_request_at=1.0, idle_timeout="1h")
+        first_pid = model.replicas[0].pid
+        await h.service.unload("tiny")
+        assert model.operation is Operation.UNLOAD
+        await h.service.load("tiny")  # does not wait for the drain and stop (a client would time out)
+        assert model.operation is Operation.UNLOAD
+        await h.wait(lambda: model.ready_replicas() and model.operation is None, what="the load after the unload")
+        assert model.replicas[0].pid != first_pid
+
+    run(test, tmp_path)
+
+
 def test_scaling_an_idle_model_sets_what_it_comes_back_with(tmp_path: Path) -> None:
     async def test(h: InProcess) -> None:
         model = await h.service.start_model(spec(on_demand=True, max_replicas=3))
@@ -271,12 +305,14 @@ def test_autoscale_never_evicts(tmp_path: Path) -> None:
 def test_the_demand_loop_unloads_an_idle_model_but_not_one_with_a_request_in_flight(tmp_path: Path) -> None:
     async def test(h: InProcess) -> None:
         model = await loaded(h, "tiny", last_request_at=time.time(), idle_timeout="0.5s")
+        assert model.last_request_at is not None
+        due = model.last_request_at + 0.5
         loop = DemandLoop(h.registry, h.service, ScaleSettings())
         task = asyncio.ensure_future(loop.run())
         try:
             model.replicas[0].inflight = 1  # a stream in progress keeps it loaded
-            await asyncio.sleep(1.0)
-            assert model.state() is ModelState.RUNNING
+            await h.wait(lambda: (loop.last_tick_at or 0) > due, what="a pass of the loop after the idle timeout")
+            assert model.state() is ModelState.RUNNING and model.operation is None
             model.replicas[0].inflight = 0
             model.last_request_at = ended = time.time()  # the proxy, when that request ends
             await h.wait(lambda: model.state() is ModelState.IDLE, timeout=5, what="idle")

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp
-from helpers import FAST_CONFIG, Daemon, control_connection, wait_until
+from helpers import FAST_CONFIG, Daemon, raw_request, wait_until
 
 from gpud.cli.client import Client, model_path
 
@@ -72,15 +72,6 @@ def completions(daemon: Daemon, model: str, count: int = 1, **extra: Any) -> lis
 
     return asyncio.run(main())
 
-
-def raw(daemon: Daemon, method: str, path: str, body: bytes | None = None) -> tuple[int, Any]:
-    conn = control_connection(daemon)
-    try:
-        conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        return resp.status, json.loads(resp.read() or b"null")
-    finally:
-        conn.close()
 
 
 def state(daemon: Daemon, name: str) -> str:
@@ -150,23 +141,23 @@ def test_load_that_cannot_fit_is_exit_4_and_evicts_nothing(make_daemon: Callable
 def test_api_unload_load_and_their_errors(make_daemon: Callable[..., Daemon]) -> None:
     daemon = make(make_daemon)
     daemon.start_model(model_body("m", idle_timeout="1h"))
-    status, shown = raw(daemon, "POST", model_path("m", "unload"), b"{}")
+    status, shown = raw_request(daemon, "POST", model_path("m", "unload"), b"{}")
     assert status == 202
     wait_until(lambda: state(daemon, "m") == "idle", 15, "idle")
-    status, shown = raw(daemon, "POST", model_path("m", "load"))
+    status, shown = raw_request(daemon, "POST", model_path("m", "load"))
     assert status == 202
     assert daemon.wait_idle("m")["state"] == "running"
     for path in (model_path("nope", "load"), model_path("nope", "unload")):
-        assert raw(daemon, "POST", path, b"{}")[0] == 404
-    status, error = raw(daemon, "POST", model_path("m", "unload"), b'{"now": true}')
+        assert raw_request(daemon, "POST", path, b"{}")[0] == 404
+    status, error = raw_request(daemon, "POST", model_path("m", "unload"), b'{"now": true}')
     assert status == 422 and error["error"]["code"] == "invalid"
     assert state(daemon, "m") == "running"
     for bad in ({"idle_timeout": "5x"}, {"idle_timeout": -1}, {"max_replicas": 1, "replicas": 2},
                 {"target_inflight": 0}, {"on_demand": "yes"}, {"max_replicas": True}):
-        status, error = raw(daemon, "POST", "/v1/models", json.dumps(model_body("x", **bad)).encode())
+        status, error = raw_request(daemon, "POST", "/v1/models", json.dumps(model_body("x", **bad)).encode())
         assert status == 422 and error["error"]["message"].endswith("."), bad
     assert [m["name"] for m in daemon.client.request("GET", "/v1/models")["models"]] == ["m"]
-    status, error = raw(daemon, "PATCH", model_path("m"), b'{"replicas": 2}')
+    status, error = raw_request(daemon, "PATCH", model_path("m"), b'{"replicas": 2}')
     assert status == 200  # no max_replicas: a scale as before
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gpud.demand.idle import IdleView, due, idle_since, next_deadline
+from gpud.demand.idle import IdleView, due, idle_since
 
 
 def view(**fields: object) -> IdleView:
@@ -20,10 +20,9 @@ def test_the_clock_starts_when_the_model_is_running() -> None:
 def test_the_clock_starts_again_when_the_last_request_ends() -> None:
     v = view(last_request_at=150.0)
     assert due([v], 159.0) == [] and due([v], 160.0) == ["m"]
-    assert next_deadline([v, view(name="n", loaded_at=120.0)]) == 130.0
+    assert due([v, view(name="n", loaded_at=120.0)], 130.0) == ["n"]
 
 
 def test_never_idle_while_a_request_is_in_flight_nor_while_busy_nor_without_timeout() -> None:
     for v in (view(inflight=1), view(busy=True), view(timeout_sec=0.0), view(loaded_at=None)):
         assert idle_since(v) is None and due([v], 1e9) == []
-    assert next_deadline([view(inflight=3)]) is None

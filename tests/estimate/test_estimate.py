@@ -159,6 +159,17 @@ def test_refusals_name_the_path_and_what_is_missing(tmp_path: Path) -> None:
     assert "it is not a GGUF file" in _refusal(text)
 
 
+def test_an_unreadable_model_is_a_refusal_not_a_crash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_config(tmp_path / "m", LLAMA31_8B)
+    denied = str(tmp_path / "m" / "config.json")
+
+    def unreadable(path: Path) -> None:  # what a directory without read permission gives a non-root daemon
+        raise PermissionError(13, "Permission denied", denied)
+
+    monkeypatch.setattr("gpud.estimate.model._read", unreadable)
+    assert _refusal(tmp_path / "m") == f"Cannot compute --vram auto from {denied}: permission denied; pass --vram SIZE."
+
+
 def test_engine_args_it_cannot_read_are_refused_before_any_file_is_opened(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere"
     assert _refusal(missing, "--max-model-len", "-1") == (
@@ -167,7 +178,8 @@ def test_engine_args_it_cannot_read_are_refused_before_any_file_is_opened(tmp_pa
     )
     assert "--max-model-len: it has no value" in _refusal(missing, "--max-model-len")
     assert "--max-model-len: it has no value" in _refusal(missing, "--max-model-len", "--enforce-eager")
-    assert "--kv-cache-dtype int4: gpud does not know its element size" in _refusal(missing, "--kv-cache-dtype", "int4")
+    # A --kv-cache-dtype gpud has no size for counts as the model's dtype (SPEC §11): on to the files.
+    assert "nowhere: no such file or directory" in _refusal(missing, "--kv-cache-dtype", "int4")
     for text in ("auto", "0", "1.5", "12x", "2.5K", ""):
         with pytest.raises(InvalidInput):
             max_model_len(["--max-model-len", text])
@@ -182,3 +194,4 @@ def test_reading_engine_args() -> None:
     assert kv_cache_bytes(["--kv-cache-dtype", "fp8_e4m3"]) == ("fp8_e4m3", 1)
     assert kv_cache_bytes(["--kv-cache-dtype", "bfloat16"]) == ("bfloat16", 2)
     assert kv_cache_bytes(["--dtype", "float32"]) == ("auto", None)
+    assert kv_cache_bytes(["--kv-cache-dtype", "float32"]) == ("float32", None)  # the model's dtype, as SPEC says
