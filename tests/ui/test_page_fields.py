@@ -20,7 +20,7 @@ from gpud.units import format_size
 pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e .[test])")
 from playwright.sync_api import Page, expect  # noqa: E402
 
-LIVE_MS = 2000
+LIVE_MS = 8000  # see tests/ui/test_page.py
 GiB = 2**30
 
 
@@ -130,6 +130,34 @@ def test_routing_chosen_in_the_form_is_shown(page: Page, ui_daemon: Daemon) -> N
     assert ui_daemon.show("routed")["routing"] == "session"
     ui_daemon.client.request("DELETE", model_path("routed"))
     ui_daemon.wait_removed("routed")
+
+
+def test_the_forms_more_fields_reach_the_daemon(page: Page, ui_daemon: Daemon) -> None:
+    form = page.locator("#start-form")
+    form.get_by_label("Model", exact=True).fill("lazy")
+    form.get_by_label("Engine", exact=True).select_option("sim")
+    form.get_by_label("VRAM per GPU").fill("2GiB")
+    form.locator("summary").click()
+    form.get_by_label("Idle timeout").fill("15m")
+    form.get_by_label("On demand (load on the first request)").check()
+    form.get_by_label("Max replicas").fill("3")
+    form.get_by_label("Target in flight").fill("4")
+    form.get_by_label("Health path").fill("/health")
+    form.get_by_label("Start timeout (s)").fill("45")
+    form.get_by_label("Unset variables").fill("HTTP_PROXY")
+    form.get_by_role("button", name="Start").click()
+    expect(card(page, "lazy").locator(".model-state")).to_have_text("idle", timeout=15000)
+    shown = ui_daemon.show("lazy")
+    assert (shown["idle_timeout_sec"], shown["on_demand"], shown["max_replicas"], shown["target_inflight"]) == \
+        (900, True, 3, 4)
+    assert shown["unset_env"] == ["HTTP_PROXY"]
+    form.get_by_label("Model", exact=True).fill("bad")
+    form.get_by_label("Max replicas").fill("0")
+    form.get_by_role("button", name="Start").click()
+    expect(page.locator("#start-error")).to_contain_text("max", timeout=LIVE_MS)  # the daemon's own sentence
+    form.evaluate("form => form.reset()")  # the page is shared: the next test starts from an empty form
+    ui_daemon.client.request("DELETE", model_path("lazy"))
+    ui_daemon.wait_removed("lazy")
 
 
 def tiny_checkpoint(root: Path) -> Path:

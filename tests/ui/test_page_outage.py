@@ -15,7 +15,7 @@ from uihelpers import UiProcess
 pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e .[test])")
 from playwright.sync_api import expect  # noqa: E402
 
-LIVE_MS = 2000
+LIVE_MS = 8000  # see tests/ui/test_page.py
 
 
 @pytest.fixture

@@ -426,7 +426,7 @@ function confirmStop(card) {
 
 function formValues(form) {
   const values = {};
-  for (const el of form.elements) if (el.name) values[el.name] = el.value;
+  for (const el of form.elements) if (el.name) values[el.name] = el.type === "checkbox" ? el.checked : el.value;
   return values;
 }
 

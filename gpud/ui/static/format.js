@@ -91,6 +91,13 @@ function wholeOrText(value) {
   return /^\d+$/.test(text) ? Number(text) : text;
 }
 
+/** A number of seconds typed in a field (a decimal point allowed), else the text as typed; empty → undefined. */
+function numberOrText(value) {
+  const text = value.trim();
+  if (text === "") return undefined;
+  return /^\d+(\.\d+)?$/.test(text) ? Number(text) : text;
+}
+
 /** The POST /v1/models body for the start form's values (an object of field name → string). Only what the
  * person filled in is sent; the daemon validates everything and its message is what the page shows. */
 export function startBody(values) {
@@ -103,7 +110,19 @@ export function startBody(values) {
     vram: values.vram?.trim() || undefined,
     placement: values.placement || undefined,
     routing: values.routing || undefined,
+    idle_timeout: values.idle_timeout?.trim() || undefined,
+    on_demand: values.on_demand ? true : undefined,
+    max_replicas: wholeOrText(values.max_replicas ?? ""),
+    target_inflight: wholeOrText(values.target_inflight ?? ""),
+    context_tokens: wholeOrText(values.context_tokens ?? ""),
+    kv_sequences: wholeOrText(values.kv_sequences ?? ""),
+    health_path: values.health_path?.trim() || undefined,
+    start_timeout_sec: numberOrText(values.start_timeout_sec ?? ""),
   };
+  const unset = (values.unset_env ?? "").split(/[\s,]+/).filter(Boolean);
+  if (unset.length) optional.unset_env = unset;
+  const packages = splitArgs(values.venv_packages ?? "");
+  if (packages.length) optional.venv = { packages };
   const gpuIdx = (values.gpu_idx ?? "").trim();
   if (gpuIdx) {
     const parts = gpuIdx.split(",").map((p) => p.trim());
