@@ -28,7 +28,6 @@ import contextlib
 import datetime
 import json
 import platform
-import re
 import shutil
 import statistics
 import subprocess
@@ -37,12 +36,14 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import astuple
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchdaemon import BenchDaemon, running_daemon  # noqa: E402 - after the path setup above
+from wrkrun import run_wrk  # noqa: E402
 
 from gpud.supervise.supervisor import free_port  # noqa: E402
 
@@ -130,37 +131,6 @@ def cluster(workdir: Path, replicas: int, policy: str) -> Iterator[tuple[int, li
         yield gw, nodes
 
 
-def wrk(ports: list[int], connections: int, duration: float, script: Path) -> tuple[float, float, float]:
-    """(requests/s summed, worst p50 ms, worst p99 ms) over one wrk per port, run at the same time; an error
-    answer aborts the bench."""
-    per = max(1, connections // len(ports))
-    procs = [
-        subprocess.Popen(["wrk", "-t1", f"-c{per}", f"-d{duration:g}s", "--latency", "-s", str(script),
-                          f"http://127.0.0.1:{p}/v1/completions"], stdout=subprocess.PIPE, text=True)
-        for p in ports
-    ]
-    total, p50, p99 = 0.0, 0.0, 0.0
-    for proc in procs:
-        out, _ = proc.communicate()
-        if proc.returncode != 0:
-            raise SystemExit(f"wrk failed:\n{out}")
-        bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-        if bad:
-            raise SystemExit(f"wrk saw {bad.group(1)} error answers:\n{out}")
-        total += float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-        p50 = max(p50, _latency_ms(out, "50"))
-        p99 = max(p99, _latency_ms(out, "99"))
-    return total, p50, p99
-
-
-def _latency_ms(out: str, percentile: str) -> float:
-    match = re.search(rf"^\s+{percentile}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
-    if match is None:
-        raise SystemExit(f"wrk printed no {percentile}% latency:\n{out}")
-    value, unit = float(match.group(1)), match.group(2)
-    return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
@@ -182,9 +152,9 @@ def main() -> int:
             targets = {"gateway": [gw], "spread": [n.port for n in nodes]}
             for _ in range(args.rounds):
                 for name, ports in targets.items():
-                    runs.setdefault(f"{name} load", []).append(wrk(ports, args.connections, args.duration, script))
+                    runs.setdefault(f"{name} load", []).append(astuple(run_wrk(ports, args.connections, args.duration, script)))
                     # One connection, to one place: the gateway, or one node (what one request costs).
-                    runs.setdefault(f"{name} alone", []).append(wrk(ports[:1], 1, args.duration, script))
+                    runs.setdefault(f"{name} alone", []).append(astuple(run_wrk(ports[:1], 1, args.duration, script)))
     med = {k: tuple(statistics.median(r[i] for r in v) for i in range(3)) for k, v in runs.items()}
     cpu = platform.processor() or platform.machine()
     print(f"\n{datetime.date.today()}, {cpu}, Python {platform.python_version()}, {args.rounds} rounds of "

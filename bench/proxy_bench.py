@@ -36,7 +36,6 @@ import asyncio
 import contextlib
 import json
 import random
-import re
 import shutil
 import statistics
 import subprocess
@@ -52,6 +51,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import benchdoc  # noqa: E402
 from benchdaemon import BenchDaemon, running_daemon  # noqa: E402
+from wrkrun import run_wrk  # noqa: E402
 
 MODEL = "m"
 SMALL_BODY = json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 1})
@@ -210,28 +210,6 @@ def wrk_script(workdir: Path) -> Path:
     return script
 
 
-def wrk(ports: list[int], connections: int, duration: float, script: Path) -> tuple[float, float]:
-    """(requests/s summed over one wrk per port, run at the same time; the median latency in ms of the first)."""
-    per = max(1, connections // len(ports))
-    procs = [subprocess.Popen(["wrk", "-t1", f"-c{per}", f"-d{duration:g}s", "--latency", "-s", str(script),
-                               f"http://127.0.0.1:{p}/v1/completions"], stdout=subprocess.PIPE, text=True)
-             for p in ports]
-    total, p50 = 0.0, 0.0
-    for i, proc in enumerate(procs):
-        out, _ = proc.communicate()
-        if proc.returncode != 0:
-            raise SystemExit(f"wrk failed:\n{out}")
-        bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-        if bad:
-            raise SystemExit(f"wrk saw {bad.group(1)} error answers:\n{out}")
-        total += float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-        if i == 0:
-            found = re.search(r"50%\s+([\d.]+)(us|ms|s)", out)
-            if found:
-                p50 = float(found.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[found.group(2)]
-    return total, p50
-
-
 # -- streams -----------------------------------------------------------------------------------------------
 
 
@@ -387,7 +365,8 @@ def measure(args: argparse.Namespace) -> tuple[list[tuple[str, str, float, str, 
 
         def wrk_run(name: str, ports: list[int]) -> Callable[[], float]:
             def go() -> float:
-                rate, median = wrk(ports, args.connections, args.duration, script)
+                measured = run_wrk(ports, args.connections, args.duration, script)
+                rate, median = measured.requests_per_sec, measured.p50_ms
                 p50.setdefault(name, []).append(median)
                 return rate
             return go
@@ -399,7 +378,7 @@ def measure(args: argparse.Namespace) -> tuple[list[tuple[str, str, float, str, 
             runs["vllm-router power_of_two"] = wrk_run("router", [start_vllm_router(procs, router, backends)])
         runs["direct (3 wrk, summed)"] = wrk_run("direct", backends)
         for port in [d.port for d, _ in daemons.values()] + [nginx_lc] + backends:
-            wrk([port], args.connections, 1, script)
+            run_wrk([port], args.connections, 1, script)
         print(f"Small requests over 3 static nginx backends, wrk -t1 -c{args.connections}, req/s:", flush=True)
         small = rounds(args.rounds, runs)
         for name, values in p50.items():
