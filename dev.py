@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -50,7 +51,11 @@ def setup() -> None:
         sys.exit(f"gpud needs Python 3.10 or newer; this is {sys.version.split()[0]}.")
     if not PY.exists():
         print(f"creating {VENV} …", flush=True)
-        venv.EnvBuilder(with_pip=True, clear=True).create(VENV)
+        try:
+            venv.EnvBuilder(with_pip=True, clear=True).create(VENV)
+        except Exception as exc:  # Debian and Ubuntu: ensurepip lives in python3-venv
+            shutil.rmtree(VENV, ignore_errors=True)  # never a half-made .venv that the next run would trust
+            sys.exit(f"Cannot create {VENV}: {exc}. On Debian or Ubuntu: sudo apt-get install python3-venv")
     want = _pyproject_hash()
     if STAMP.exists() and STAMP.read_text() == want:
         return

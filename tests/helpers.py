@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import shlex
 import signal
@@ -13,6 +14,8 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from gpud.cli.client import Client, model_path
 from gpud.config import ProxySettings
@@ -115,7 +118,7 @@ class Daemon:
                    timeout, f"{name} to be removed")
 
     def replica_pids(self) -> list[int]:
-        return procs.find_orphans(INSTANCE_ENV, self.instance)
+        return replica_processes(self.instance)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 40) -> int | None:
         if self.proc is None:
@@ -145,9 +148,38 @@ def control_connection(daemon: Daemon) -> http.client.HTTPConnection:
     return conn
 
 
+def raw_request(daemon: Daemon, method: str, path: str, body: bytes | None = None) -> tuple[int, Any]:
+    """One request on the control socket: (status, the JSON body or None)."""
+    conn = control_connection(daemon)
+    try:
+        conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read() or b"null")
+    finally:
+        conn.close()
+
+
+def idle_standby(pid: int) -> bool:
+    """A parent shim started ahead of need (gpud.supervise.standby) that has no replica yet: it carries the
+    daemon's marker but is no replica's process."""
+    try:
+        proc = psutil.Process(pid)
+        return "--standby" in proc.cmdline() and not proc.children()
+    except psutil.Error:
+        return False
+
+
+def replica_processes(instance: str) -> list[int]:
+    """The processes of the replicas of the daemon `instance` (shims, engines, their children)."""
+    return [pid for pid in procs.find_orphans(INSTANCE_ENV, instance) if not idle_standby(pid)]
+
+
 def kill_leftovers(instance: str) -> list[int]:
-    left = procs.find_orphans(INSTANCE_ENV, instance)
-    for pid in left:
+    """SIGKILL what is left of the daemon `instance`; returns the replica processes among them (an idle
+    standby shim of a daemon that was just killed may still be on its way out: killed, not reported)."""
+    found = procs.find_orphans(INSTANCE_ENV, instance)
+    left = [pid for pid in found if not idle_standby(pid)]
+    for pid in found:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:

@@ -285,5 +285,5 @@ def test_sigterm_ends_event_streams_and_log_follows_at_once(daemon: Daemon) -> N
     assert daemon.stop(timeout=20) == 0
     # The streams ended (the event stream with its shutdown event) instead of holding up the exit.
     assert [json.loads(line) for line in events][-1]["type"] == "shutdown"
-    assert list(follow) is not None
+    list(follow)  # returns only once the follow has ended: with the daemon, not at the timeout of 60 s
     assert time.monotonic() - began < 10

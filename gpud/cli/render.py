@@ -70,7 +70,8 @@ def _when(value: Any) -> str:
 # ---- models ------------------------------------------------------------------------------------------
 
 
-def format_model_list(body: Mapping[str, Any]) -> str:
+def format_model_list(body: Mapping[str, Any], now: float | None = None) -> str:
+    """The `model list` table; `now` (epoch s, default the clock) is what LAST REQUEST counts back from."""
     models = body.get("models") or []
     if not models:
         return "No models are running."
@@ -82,7 +83,7 @@ def format_model_list(body: Mapping[str, Any]) -> str:
             m.get("engine"),
             m.get("state"),
             f"{m.get('replicas_ready', 0)}/{m.get('replicas_desired', 0)}",
-            *([_ago(m.get("last_request_at"))] if demand else []),
+            *([_ago(m.get("last_request_at"), now)] if demand else []),
             m.get("endpoint"),
         ]
         for m in models

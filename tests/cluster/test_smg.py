@@ -254,7 +254,7 @@ def test_a_restarted_gateway_gets_every_worker_back_within_sync_sec(
     gateway.start()  # same ports, no workers
     started = time.monotonic()
     wait_until(lambda: set(gateway.workers()) == set(urls), 10, "every worker back")
-    assert time.monotonic() - started < SYNC_SEC + 3  # the next sync (plus registration's own probes)
+    assert time.monotonic() - started < SYNC_SEC + 6  # the next sync (plus registration's own probes)
     wait_until(lambda: ready_on_gateway(gateway, *urls), 10, "every worker ready")
     assert gateway.chat("y")[0] == 200
 
@@ -275,7 +275,7 @@ def test_the_gateway_down_never_disturbs_the_node(gateway: Gateway, nodes: Calla
     started = time.monotonic()
     assert a.cli("model", "stop", "n").returncode == 0
     a.wait_removed("n")
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 5  # not its deregister_timeout_sec (5 s) on top of the stop
     status = wait_until(lambda: (s := a.client.request("GET", "/v1/status")["cluster"]) and
                         s["last_sync"]["ok"] is False and s, 10, "the failed sync to show")
     assert "Cannot reach the gateway" in status["last_sync"]["error"]
