@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from gpud.cluster.settings import ClusterSettings, cluster_settings
 from gpud.errors import InvalidInput
 from gpud.spec import validate_env, validate_model_name
 from gpud.supervise.policy import Restart
@@ -141,30 +142,6 @@ class EstimateSettings:
 
     kv_sequences: int = 4  # full-length sequences the KV cache must hold at once
     overhead_bytes: int = 2 * 2**30  # per GPU: CUDA context, activations, graphs
-
-
-@dataclass(frozen=True)
-class ClusterSettings:
-    """SPEC §16 `[cluster]`: this node's registration with a Shepherd Model Gateway (gpud.cluster)."""
-
-    gateway: str | None = None  # the gateway's URL; None: no cluster
-    advertise: str | None = None  # the URL at which the gateway reaches this node's proxy
-    api_key: str | None = None  # the gateway's control-plane key (Authorization: Bearer)
-    labels: dict[str, str] = field(default_factory=dict)  # added to every registration
-    sync_sec: float = 10.0  # full reconcile with the gateway's worker list this often
-    # How the gateway probes each worker's /m/NAME/health (its own default of 60 s is slow to notice a dead
-    # node; it retries a failed request on another worker anyway, so a dead node costs latency, not errors).
-    health_interval_sec: int = 5
-    health_timeout_sec: int = 5
-    health_failures: int = 2  # failed probes in a row before the gateway stops sending to a worker
-    health_successes: int = 1  # /m/NAME/health is already gpud's own verdict: one pass is enough
-    request_timeout_sec: float = 5.0  # one call to the gateway's control plane
-    # `model stop` and SIGTERM wait this long at most for the gateway to stop sending before draining.
-    deregister_timeout_sec: float = 10.0
-
-    @property
-    def enabled(self) -> bool:
-        return self.gateway is not None
 
 
 @dataclass(frozen=True)
@@ -385,7 +362,6 @@ def load_settings(flags: Mapping[str, Any], environ: Mapping[str, str] = os.envi
         return data.get(section, {}).get(key)
 
     where = f" in {path}" if path else ""
-    from gpud.cluster.settings import cluster_settings  # it builds on ClusterSettings above
 
     given: dict[str, Any] = {"cluster": cluster_settings(data.get("cluster", {}), where)}
     if "headroom" in data.get("gpus", {}):

@@ -1,6 +1,6 @@
 """Beyond one machine (SPEC §16): this node's models registered with a Shepherd Model Gateway, kept true.
 
-    settings.py   the `[cluster]` table validated into ClusterSettings (gpud.config holds the defaults)
+    settings.py   ClusterSettings (the defaults) and the `[cluster]` table validated into it
     workers.py    what this node wants registered, and the plan that makes the gateway's list match (pure)
     client.py     a small client of the gateway's control plane (aiohttp; no gateway code imported)
     registrar.py  the reconcile loop: on the registry's changes and every sync_sec, with backoff

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from gpud.cluster.client import GatewayClient, GatewayError
-from gpud.cluster.settings import NODE_LABEL, reachability_warning
+from gpud.cluster.settings import NODE_LABEL, ClusterSettings, reachability_warning
 from gpud.cluster.workers import (
     DRAINING,
     Desired,
@@ -31,7 +31,7 @@ from gpud.cluster.workers import (
     wanted_names,
     worker_url,
 )
-from gpud.config import ClusterSettings, Settings
+from gpud.config import Settings
 from gpud.registry import Model, Registry
 
 log = logging.getLogger(__name__)

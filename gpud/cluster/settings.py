@@ -1,4 +1,5 @@
-"""The `[cluster]` table of the config file, validated into `gpud.config.ClusterSettings` (stdlib only).
+"""The `[cluster]` table of the config file: ClusterSettings and its validation (stdlib only; gpud.config
+reads it from here).
 
 Bad input names the key and the file, and the daemon refuses to start with exit 2 (SPEC §16): a gateway
 without an advertised address, a URL that is not http(s), labels that are not strings, a sync_sec of 0.
@@ -6,18 +7,41 @@ without an advertised address, a URL that is not http(s), labels that are not st
 
 from __future__ import annotations
 
-import ipaddress
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from gpud.config import ClusterSettings
 from gpud.errors import InvalidInput
 
 NODE_LABEL = "gpud_node"  # set by gpud on every registration: the worker's owner (its advertise URL)
 # Hosts a gateway on another machine can never reach this node at.
 _UNREACHABLE_HOSTS = frozenset({"0.0.0.0", "::"})
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """SPEC §16 `[cluster]`: this node's registration with a Shepherd Model Gateway (gpud.cluster)."""
+
+    gateway: str | None = None  # the gateway's URL; None: no cluster
+    advertise: str | None = None  # the URL at which the gateway reaches this node's proxy
+    api_key: str | None = None  # the gateway's control-plane key (Authorization: Bearer)
+    labels: dict[str, str] = field(default_factory=dict)  # added to every registration
+    sync_sec: float = 10.0  # full reconcile with the gateway's worker list this often
+    # How the gateway probes each worker's /m/NAME/health (its own default of 60 s is slow to notice a dead
+    # node; it retries a failed request on another worker anyway, so a dead node costs latency, not errors).
+    health_interval_sec: int = 5
+    health_timeout_sec: int = 5
+    health_failures: int = 2  # failed probes in a row before the gateway stops sending to a worker
+    health_successes: int = 1  # /m/NAME/health is already gpud's own verdict: one pass is enough
+    request_timeout_sec: float = 5.0  # one call to the gateway's control plane
+    # `model stop` and SIGTERM wait this long at most for the gateway to stop sending before draining.
+    deregister_timeout_sec: float = 10.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.gateway is not None
 
 
 def check_url(value: str, key: str, where: str) -> str:
@@ -39,6 +63,8 @@ def check_url(value: str, key: str, where: str) -> str:
 def _loopback(host: str) -> bool:
     if host == "localhost":
         return True
+    import ipaddress  # here: gpud.config (and so every CLI command) imports this module
+
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:

@@ -18,8 +18,7 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from gpud.cluster.settings import NODE_LABEL
-from gpud.config import ClusterSettings
+from gpud.cluster.settings import NODE_LABEL, ClusterSettings
 from gpud.proxy.paths import model_prefix
 
 # ModelState values (plus SPEC §12's "idle") after which a model is no longer served by this node.

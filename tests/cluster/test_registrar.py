@@ -14,8 +14,8 @@ import pytest
 from fakes.fake_gateway import FakeGateway
 
 from gpud.cluster.registrar import FIRST_BACKOFF_SEC, Registrar
+from gpud.cluster.settings import ClusterSettings
 from gpud.cluster.workers import worker_url
-from gpud.config import ClusterSettings
 from gpud.registry import Model, ModelState, Operation, Registry, Replica, ReplicaState
 from gpud.spec import ModelSpec
 

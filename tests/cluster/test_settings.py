@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from gpud.cluster.settings import reachability_warning
-from gpud.config import ClusterSettings, load_settings
+from gpud.cluster.settings import ClusterSettings, reachability_warning
+from gpud.config import load_settings
 from gpud.errors import InvalidInput
 
 

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpud.cluster.settings import NODE_LABEL
+from gpud.cluster.settings import NODE_LABEL, ClusterSettings
 from gpud.cluster.workers import (
     DRAINING,
     Desired,
@@ -25,7 +25,6 @@ from gpud.cluster.workers import (
     wanted_names,
     worker_url,
 )
-from gpud.config import ClusterSettings
 from gpud.registry import ModelState
 
 NODE = "http://10.0.0.5:8000"
