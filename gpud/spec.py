@@ -16,7 +16,7 @@ from gpud.demand.duration import parse_duration
 from gpud.engines import DEFAULT_ENGINE, engine_named, validate_engine_request
 from gpud.errors import InvalidInput
 from gpud.estimate.formula import Estimate
-from gpud.gpus.placement import POLICIES
+from gpud.gpus.placement import POLICIES, PlacementRequest
 from gpud.units import parse_size
 
 # SPEC §13: how a model's requests pick a replica (gpud.proxy.routing); least connections by default.
@@ -192,6 +192,10 @@ class ModelSpec:
     context_tokens: int | None = None
     kv_sequences: int | None = None
     estimate: Estimate | None = None
+    idle_timeout_sec: float = 0.0  # SPEC §12: unload after this long without a request in flight; 0 = never
+    on_demand: bool = False  # starts idle; loaded by the first request (or `model load`)
+    max_replicas: int | None = None  # load-based scaling up to this many replicas; None = off
+    target_inflight: int = DEFAULT_TARGET_INFLIGHT
 
     @property
     def needs_estimate(self) -> bool:
@@ -201,10 +205,13 @@ class ModelSpec:
     def with_estimate(self, estimate: Estimate) -> ModelSpec:
         """This spec reserving exactly what `estimate` computed."""
         return replace(self, vram_bytes=estimate.per_gpu_bytes, estimate=estimate)
-    idle_timeout_sec: float = 0.0  # SPEC §12: unload after this long without a request in flight; 0 = never
-    on_demand: bool = False  # starts idle; loaded by the first request (or `model load`)
-    max_replicas: int | None = None  # load-based scaling up to this many replicas; None = off
-    target_inflight: int = DEFAULT_TARGET_INFLIGHT
+
+    def placement_request(self, replicas: int, multi_replica: bool) -> PlacementRequest:
+        """What placement (SPEC §4) is asked for `replicas` of this spec."""
+        if self.needs_estimate:  # a bug, not a user error: unestimated "auto" would silently mean whole GPUs
+            raise ValueError(f"model {self.name!r}: vram auto must be estimated before it is placed")
+        return PlacementRequest(replicas=replicas, gpus_per_replica=self.gpus_per_replica, vram_bytes=self.vram_bytes,
+                                gpu_idx=self.gpu_idx, policy=self.placement, multi_replica=multi_replica)
 
     @property
     def evictable(self) -> bool:

@@ -213,7 +213,7 @@ def local_plan(spec: str, body: Mapping[str, Any], headroom_bytes: int, multi_re
     from gpud.estimate.request import resolve
     from gpud.gpus import open_backend
     from gpud.gpus.ledger import Ledger
-    from gpud.gpus.placement import PlacementRequest, place, plan_json
+    from gpud.gpus.placement import place, plan_json
     from gpud.spec import ModelSpec
 
     model = resolve(ModelSpec.from_json({"model": "plan", **body}), EstimateSettings(),
@@ -224,14 +224,7 @@ def local_plan(spec: str, body: Mapping[str, Any], headroom_bytes: int, multi_re
         views = Ledger(backend, headroom_bytes=headroom_bytes).views()
     finally:
         backend.close()
-    request = PlacementRequest(
-        replicas=model.replicas,
-        gpus_per_replica=model.gpus_per_replica,
-        vram_bytes=model.vram_bytes,
-        gpu_idx=model.gpu_idx,
-        policy=model.placement,
-        multi_replica=multi_replica,
-    )
+    request = model.placement_request(model.replicas, multi_replica)
     try:
         return {**plan_json(place(request, views), None), "estimate": estimate}
     except DoesNotFit as exc:

@@ -18,7 +18,7 @@ from gpud.demand.evict import plan_eviction, views_without
 from gpud.demand.room import evictable_lru, eviction_order, gpu_rooms, is_free
 from gpud.errors import DoesNotFit
 from gpud.gpus.ledger import Ledger, Reservation
-from gpud.gpus.placement import PlacementRequest, ReplicaPlacement, place, plan_json
+from gpud.gpus.placement import ReplicaPlacement, place, plan_json
 from gpud.registry import Model, Registry
 from gpud.spec import ModelSpec
 
@@ -28,19 +28,6 @@ ROOM_POLL_SEC = 0.05
 
 class RoomComing(DoesNotFit):
     """A wake would fit once the models it must evict are free (no request in flight, nothing in progress)."""
-
-
-def placement_request(spec: ModelSpec, replicas: int, multi_replica: bool) -> PlacementRequest:
-    if spec.needs_estimate:  # a bug, not a user error: unestimated "auto" would silently mean whole GPUs
-        raise ValueError(f"model {spec.name!r}: vram auto must be estimated before it is placed")
-    return PlacementRequest(
-        replicas=replicas,
-        gpus_per_replica=spec.gpus_per_replica,
-        vram_bytes=spec.vram_bytes,
-        gpu_idx=spec.gpu_idx,
-        policy=spec.placement,
-        multi_replica=multi_replica,
-    )
 
 
 class Placer:
@@ -54,7 +41,7 @@ class Placer:
     def place(self, spec: ModelSpec, replicas: int, first_index: int) -> list[ReplicaPlacement]:
         """Where `replicas` new replicas of `spec` go as things are (the §4 DoesNotFit when they do not fit)."""
         self.ledger.refresh()
-        request = placement_request(spec, replicas, self.settings.multi_replica)
+        request = spec.placement_request(replicas, self.settings.multi_replica)
         return place(request, self.ledger.views(), first_index=first_index)
 
     def make_room(self, spec: ModelSpec, replicas: int, first_index: int, *,
@@ -63,7 +50,7 @@ class Placer:
         things are). Raises the §4 DoesNotFit, with nothing changed, when no eviction would help; with
         `waiting` (a wake), RoomComing when the models to evict are in use or busy for now."""
         self.ledger.refresh()
-        request = placement_request(spec, replicas, self.settings.multi_replica)
+        request = spec.placement_request(replicas, self.settings.multi_replica)
         try:
             return place(request, self.ledger.views(), first_index=first_index), []
         except DoesNotFit as refusal:
@@ -81,7 +68,7 @@ class Placer:
     def check_could_fit(self, spec: ModelSpec) -> None:
         """An on-demand model that could not be placed even on GPUs gpud holds nothing on is refused now."""
         self.ledger.refresh()
-        request = placement_request(spec, spec.replicas, self.settings.multi_replica)
+        request = spec.placement_request(spec.replicas, self.settings.multi_replica)
         try:
             place(request, views_without(gpu_rooms(self.ledger), [], ()))
         except DoesNotFit as exc:

@@ -5,7 +5,8 @@ engine does; its interpreter start and imports cost 100–300 ms, all of it adde
 (SPEC §12). The daemon therefore keeps one shim started with `--standby`: imports done, parent-death signal
 set, waiting on stdin. A replica start hands it its arguments and environment in one JSON line and it becomes
 that replica's shim at once; a new standby is started in the background for the next start. When there is
-none (the first start, two starts at once, a standby that died) the shim is started the ordinary way.
+none (two starts at once, a standby that died) the shim is started the ordinary way; a start that finds one
+being started waits for its process (not for its imports: the order waits in its stdin meanwhile).
 
 A standby carries GPUD_INSTANCE like every replica process, so the orphan search of a later daemon on the
 same state dir finds it too, and it exits when its stdin closes (shutdown) or its parent dies.
@@ -39,6 +40,9 @@ class ShimStarter:
     async def start(self, shim_args: list[str], env: Mapping[str, str]) -> asyncio.subprocess.Process:
         """A running shim for these arguments (`--log FILE … -- ARGV…`) and this environment, its stdout a pipe
         of its JSON events; a standby is started for the next call."""
+        if self._standby is None and self._refilling is not None:
+            # One is being started: its process exists in a moment, and its imports overlap with ours.
+            await asyncio.shield(self._refilling)
         proc = await self._order(shim_args, env)
         if proc is None:
             proc = await asyncio.create_subprocess_exec(

@@ -13,7 +13,7 @@ from helpers import InProcess, tiny_engine_body
 from helpers import run_in_process as run
 
 from gpud.registry import Model, Replica, ReplicaState
-from gpud.spec import ModelSpec
+from gpud.spec import MANAGED_ENV, ModelSpec
 
 GiB = 2**30
 
@@ -118,5 +118,16 @@ def test_a_connection_failure_takes_a_replica_out_until_its_health_check_passes(
         assert replica.state is ReplicaState.UNHEALTHY
         await h.wait(lambda: replica.state is ReplicaState.READY, what="ready again")
         assert replica.restarts == 0
+
+    run(test, tmp_path)
+
+
+def test_every_variable_gpud_manages_is_set_and_wins_over_the_models_own(tmp_path: Path) -> None:
+    async def test(h: InProcess) -> None:
+        # A spec cannot set them (refused at validation); gpud's values win over the daemon's environment.
+        model = add_model(h, [(1,)])
+        env = h.supervisor.replica_env(model, model.replicas[0])
+        assert set(MANAGED_ENV) <= set(env)
+        assert (env["CUDA_VISIBLE_DEVICES"], env["GPUD_MODEL"], env["GPUD_REPLICA"]) == ("1", "tiny", "0")
 
     run(test, tmp_path)
