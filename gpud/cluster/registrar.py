@@ -313,4 +313,3 @@ class Registrar:
             "last_sync": last,
             "workers": sorted(workers, key=lambda w: str(w["model"])),
         }
-
