@@ -25,7 +25,7 @@ import logging
 from collections import deque
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import httptools
 
@@ -45,6 +45,10 @@ _PIPELINE_LIMIT = 16  # requests queued behind the one in flight before reading 
 
 # What the one timer of a connection is waiting for.
 _NOTHING, _HEAD, _BODY, _WRITE = 0, 1, 2, 3
+
+
+class _StopParsing(Exception):
+    """Raised from a parser callback after a refusal; httptools ends the parse (HttpParserCallbackError)."""
 
 
 @dataclass
@@ -134,7 +138,9 @@ class ClientConnection(asyncio.Protocol):
                 return
             self._refuse(400, "Protocol upgrades and CONNECT are not supported by the gpud proxy.", "unsupported",
                          "bad_request")
-        except httptools.HttpParserError as exc:
+        except httptools.HttpParserError as exc:  # also a callback's _StopParsing (a CallbackError)
+            if self._refusing:  # a callback refused the request and stopped the parse: answered already
+                return
             log.debug("malformed request from %s: %s", self.remote.decode(), exc)
             self._refuse(400, "The request is not valid HTTP/1.1.", "invalid_request", "bad_request")
 
@@ -175,18 +181,14 @@ class ClientConnection(asyncio.Protocol):
         self._grow_head(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self._refusing:  # llhttp goes on with the bytes of this read: none of them counts any more
-            return
         headers = self._request.headers
         headers.append((name, value))
         self._grow_head(len(name) + len(value) + 4)
         if len(headers) > MAX_HEADERS:
-            self._refuse(431, f"The request has more than {MAX_HEADERS} header fields.", "headers_too_large",
-                         "bad_request")
+            self._stop_parsing(431, f"The request has more than {MAX_HEADERS} header fields.", "headers_too_large",
+                               "bad_request")
 
     def on_headers_complete(self) -> None:
-        if self._refusing:
-            return
         parser, request = self._parser, self._request
         fields = request.fields
         for name, value in reversed(request.headers):  # the first occurrence wins
@@ -196,28 +198,20 @@ class ClientConnection(asyncio.Protocol):
         request.keep_alive = parser.should_keep_alive()
         length = request.header(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.hooks.max_body:
-            self._refuse(413, f"The request body is larger than the proxy's limit of {self.hooks.max_body} bytes.",
-                         "request_too_large", "too_large")
-            return
+            self._too_large()
         expect = request.header(b"expect")
         if expect is not None and expect.lower() == b"100-continue" and self.transport is not None:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self._wait_for(_BODY)
 
     def on_body(self, data: bytes) -> None:
-        if self._refusing:
-            return
         self._body_size += len(data)
         if self._body_size > self.hooks.max_body:  # no Content-Length (chunked): the limit applies while reading
-            self._refuse(413, f"The request body is larger than the proxy's limit of {self.hooks.max_body} bytes.",
-                         "request_too_large", "too_large")
-            return
+            self._too_large()
         self._body.append(data)
         self._deadline = self.loop.time() + self.hooks.client_timeout  # progress
 
     def on_message_complete(self) -> None:
-        if self._refusing:  # a refused request is never handled, whatever its parse went on to find
-            return
         request = self._request
         body = self._body
         request.body = body[0] if len(body) == 1 else b"".join(body)
@@ -283,7 +277,18 @@ class ClientConnection(asyncio.Protocol):
     def _grow_head(self, size: int) -> None:
         self._head_size += size
         if self._head_size > MAX_HEAD:
-            self._refuse(431, "The request head is over 64 KiB.", "headers_too_large", "bad_request")
+            self._stop_parsing(431, f"The request head is over {MAX_HEAD // 1024} KiB.", "headers_too_large",
+                               "bad_request")
+
+    def _too_large(self) -> NoReturn:
+        self._stop_parsing(413, f"The request body is larger than the proxy's limit of {self.hooks.max_body} bytes.",
+                           "request_too_large", "too_large")
+
+    def _stop_parsing(self, status: int, message: str, code: str, kind: str) -> NoReturn:
+        """From a parser callback: refuse the request, and end the parse of this read there (llhttp would go
+        on with the rest of its bytes, and a refused request must never be handled)."""
+        self._refuse(status, message, code, kind)
+        raise _StopParsing
 
     def _refuse(self, status: int, message: str, code: str, kind: str) -> None:
         """Answer a request that cannot be read (or is too large to read) and close the connection."""

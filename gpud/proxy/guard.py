@@ -11,27 +11,18 @@ the kernel spreads new connections over them.
 from __future__ import annotations
 
 import asyncio
-import json
 import resource
 import socket
 from collections.abc import Callable
+
+from gpud.proxy.message import error_response
 
 # File descriptors kept out of the connection limit's reach: the daemon link, replica connections beyond the
 # one per client, metrics files.
 _FD_RESERVE = 256
 
-_BUSY_BODY = json.dumps({
-    "error": {
-        "message": "The gpud proxy has too many open connections right now; retry shortly.",
-        "type": "server_error",
-        "param": None,
-        "code": "too_many_connections",
-    }
-}).encode()
-BUSY = (
-    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
-    b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY)
-)
+BUSY = error_response(503, "The gpud proxy has too many open connections right now; retry shortly.", "server_error",
+                      "too_many_connections", extra=((b"Retry-After", b"1"),), keep_alive=False)
 
 
 def auto_max_connections(soft_limit: int | None = None) -> int:
@@ -59,16 +50,26 @@ class Refused(asyncio.Protocol):
         pass
 
 
-def listen_socket(host: str, port: int, *, reuse_port: bool, backlog: int = 1024) -> socket.socket:
-    """A listening TCP socket; OSError as bind/listen raise it."""
+def bound_socket(host: str, port: int, *, reuse_port: bool) -> socket.socket:
+    """A TCP socket bound to host:port (not listening yet); OSError as bind raises it."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def listen_socket(host: str, port: int, *, reuse_port: bool, backlog: int = 1024) -> socket.socket:
+    """A listening TCP socket; OSError as bind/listen raise it."""
+    sock = bound_socket(host, port, reuse_port=reuse_port)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.listen(backlog)
         sock.setblocking(False)
     except BaseException:

@@ -297,7 +297,7 @@ class UpstreamConnection(asyncio.Protocol):
             end = buf.find(b"\r\n\r\n")
             if end < 0:
                 if len(buf) > MAX_HEAD:
-                    self._broken("a response head over 64 KiB")
+                    self._broken(f"a response head over {MAX_HEAD // 1024} KiB")
                 return
             # An interim answer (100 Continue, 103 Early Hints) precedes the real one: skip it.
             if buf[9:10] == b"1" and buf[9:12] != b"101":

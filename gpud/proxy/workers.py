@@ -33,6 +33,7 @@ from typing import Any
 from gpud.config import ProxySettings
 from gpud.errors import GpudError
 from gpud.proxy.counters import Counters
+from gpud.proxy.guard import bound_socket
 from gpud.proxy.metrics import MULTIPROC_ENV
 from gpud.proxy.server import bind_error
 from gpud.proxy.table import Feed, RouteTable
@@ -292,14 +293,10 @@ class ProxyWorkers:
 
     # ---- helpers --------------------------------------------------------------------------------------
     def _reserve_address(self, host: str, port: int) -> None:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # Bound, never listening: it holds the address for the workers' group without taking connections.
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((host, port))
+            sock = bound_socket(host, port, reuse_port=True)
         except OSError as exc:
-            sock.close()
             raise bind_error(host, port, exc) from None
         if port == 0:  # tests: the kernel's pick is the address every worker binds
             self.settings = _with_port(self.settings, sock.getsockname()[1])
