@@ -253,18 +253,10 @@ class ModelService(DemandOperations):
             await self.supervisor.stop(model.name, replica.index)
         self.placer.release(model.name, [r.index for r in failed])
         if failed:
-            try:
-                placements = self.placer.place(model.spec, len(failed), 0)
-            except DoesNotFit as exc:
-                for replica in failed:
-                    self.registry.set_state(replica, ReplicaState.FAILED, exc.message)
+            placed = self._place_again(model, failed)
+            if placed is None:
                 return
-            # Keep the replicas' indices; only their GPUs may change.
-            placements = [dataclasses.replace(p, index=r.index) for p, r in zip(placements, failed, strict=True)]
-            self.placer.reserve(model.spec, placements)
-            for p in placements:
-                replaced[p.index] = Replica(model.name, p.index, p.gpus, p.vram_by_gpu,
-                                            restarts=model.replicas[p.index].restarts)
+            replaced = {r.index: r for r in placed}
         others = [r for r in sorted(model.replicas.values(), key=lambda r: r.index) if r.index not in replaced]
         for replica in replaced.values():
             model.replicas[replica.index] = replica
@@ -285,21 +277,32 @@ class ModelService(DemandOperations):
     async def _restart_one(self, model: Model, replica: Replica) -> Replica:
         # The reservation stays in place across the restart: nobody else can take the memory meanwhile.
         await self.supervisor.stop(model.name, replica.index)
-        gpus, vram_by_gpu = replica.gpus, replica.vram_by_gpu
-        if not self.placer.holds(model.name, replica.index):
+        if self.placer.holds(model.name, replica.index):
+            fresh = Replica(model.name, replica.index, replica.gpus, replica.vram_by_gpu, restarts=replica.restarts)
+        else:
             # It failed for good while a rolling restart went through the others, and its memory went back:
             # placed again, or failed with the reason, never launched on memory it does not hold.
-            try:
-                [placement] = self.placer.place(model.spec, 1, replica.index)
-            except DoesNotFit as exc:
-                self.registry.set_state(replica, ReplicaState.FAILED, exc.message)
+            placed = self._place_again(model, [replica])
+            if placed is None:
                 return replica
-            self.placer.reserve(model.spec, [placement])
-            gpus, vram_by_gpu = placement.gpus, placement.vram_by_gpu
-        fresh = Replica(model.name, replica.index, gpus, vram_by_gpu, restarts=replica.restarts)
+            [fresh] = placed
         model.replicas[replica.index] = fresh
         self._launch(model, fresh)
         return fresh
+
+    def _place_again(self, model: Model, replicas: list[Replica]) -> list[Replica] | None:
+        """Replicas that gave their reservation back, placed and reserved again under their own indices (only
+        their GPUs may change), all of them or none: None, each marked failed with the reason, if they do not fit."""
+        try:
+            placements = self.placer.place(model.spec, len(replicas), 0)
+        except DoesNotFit as exc:
+            for replica in replicas:
+                self.registry.set_state(replica, ReplicaState.FAILED, exc.message)
+            return None
+        placements = [dataclasses.replace(p, index=r.index) for p, r in zip(placements, replicas, strict=True)]
+        self.placer.reserve(model.spec, placements)
+        return [Replica(model.name, p.index, p.gpus, p.vram_by_gpu, restarts=r.restarts)
+                for p, r in zip(placements, replicas, strict=True)]
 
     async def stop_model(self, name: str) -> Model:
         self._check_open()
