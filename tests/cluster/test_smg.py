@@ -242,14 +242,21 @@ def test_a_killed_node_drops_out_and_comes_back_registered(gateway: Gateway, nod
     assert {pid for _, pid in served} & a_pids, served
 
 
-def test_a_restarted_gateway_gets_every_worker_back_within_sync_sec(
-        gateway: Gateway, nodes: Callable[[int], list[Daemon]]) -> None:
+def three_workers_on_two_nodes(gateway: Gateway, nodes: Callable[[int], list[Daemon]]
+                               ) -> tuple[Daemon, Daemon, list[str]]:
+    """Models x and y on node a, x on node b, all three ready on the gateway: (a, b, their worker URLs)."""
     a, b = nodes(2)
     start_sim(a, "x")
     start_sim(a, "y")
     start_sim(b, "x")
     urls = [worker_url(a.proxy_url, "x"), worker_url(a.proxy_url, "y"), worker_url(b.proxy_url, "x")]
     wait_until(lambda: ready_on_gateway(gateway, *urls), 20, "three ready workers")
+    return a, b, urls
+
+
+def test_a_restarted_gateway_gets_every_worker_back_within_sync_sec(
+        gateway: Gateway, nodes: Callable[[int], list[Daemon]]) -> None:
+    a, b, urls = three_workers_on_two_nodes(gateway, nodes)
     gateway.kill()
     gateway.start()  # same ports, no workers
     started = time.monotonic()
@@ -291,12 +298,7 @@ def test_the_gateway_down_never_disturbs_the_node(gateway: Gateway, nodes: Calla
 
 def test_sigterm_removes_every_worker_of_the_node_before_it_exits(
         gateway: Gateway, nodes: Callable[[int], list[Daemon]]) -> None:
-    a, b = nodes(2)
-    start_sim(a, "x")
-    start_sim(a, "y")
-    start_sim(b, "x")
-    urls = [worker_url(a.proxy_url, "x"), worker_url(a.proxy_url, "y"), worker_url(b.proxy_url, "x")]
-    wait_until(lambda: ready_on_gateway(gateway, *urls), 20, "three ready workers")
+    a, b, urls = three_workers_on_two_nodes(gateway, nodes)
     assert a.stop() == 0
     # Gone or draining the moment the daemon has exited; node b's worker untouched.
     listed = gateway.workers()
